@@ -1,0 +1,329 @@
+"""Loading and saving weights: one explicit, checked key map per source layout.
+
+  1. HF CLIP (`openai/clip-vit-large-patch14`, a whole CLIPModel): the vision tower only, renamed to
+     the official mPLUG-Owl vision names, with q/k/v fused per head into `query_key_value`.
+  2. HF LLaMA (`config.json` + `model.safetensors`, or shards + `model.safetensors.index.json`).
+  3. The official mPLUG-Owl layout (`vision_model.*`, `query_tokens`, `abstractor.*`,
+     `language_model.*`); our own checkpoints are written in it, so the official code reads them.
+
+Every load builds the model on the meta device and assigns the tensors it read (gpt-fast), so the
+weights are never held twice; they stay in the checkpoint's dtype unless a dtype is asked for. A load
+raises on missing, unexpected or mis-shaped keys and names them: there is no partial load.
+"""
+import json
+import os
+import re
+import shutil
+from collections import Counter
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import OwlConfig, VisionConfig, LlamaConfig, from_dict
+from .model import MplugOwl
+from .vision import VisionTransformer
+from .llama import Llama
+from .tokenizer import Tokenizer
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------- reading files
+
+def weight_files(path):
+    """The safetensors files of a checkpoint directory (sharded or not)."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in files if not os.path.isfile(os.path.join(path, s))]
+        if missing:
+            raise CheckpointError(f"{index} names shards that are missing: {', '.join(missing[:3])}")
+        return [os.path.join(path, s) for s in files]
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors") and not f.startswith("adapter"))
+    if files:
+        return [os.path.join(path, f) for f in files]
+    if any(f.endswith(".bin") for f in os.listdir(path)):
+        raise CheckpointError(f"{path} holds PyTorch .bin weights: convert them first with "
+                              f"`python -m owl.convert {path} OUT_DIR`")
+    raise CheckpointError(f"{path}: no weights (*.safetensors) in this directory")
+
+
+def read_weights(path, keep=lambda k: True, dtype=None, device="cpu"):
+    """{name: tensor} for the kept names, converted tensor by tensor (floating ones only) so that
+    at most one extra tensor is alive at any time."""
+    out = {}
+    for file in weight_files(path):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for k in f.keys():
+                    if keep(k):
+                        t = f.get_tensor(k)
+                        if dtype is not None and t.is_floating_point():
+                            t = t.to(dtype)
+                        out[k] = t.to(device)
+        except (OSError, Exception) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
+    return out
+
+
+def read_config(path):
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{path}: no config.json")
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+
+
+# ----------------------------------------------------------------------------- key maps
+
+IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # a RoPE buffer some checkpoints carry; not a weight
+
+# HF CLIP vision tower -> official mPLUG-Owl vision names ({} is the layer index). q/k/v are fused below.
+HF_CLIP = {
+    "vision_model.embeddings.class_embedding": "embeddings.cls_token",
+    "vision_model.embeddings.patch_embedding.weight": "embeddings.patch_embed.weight",
+    "vision_model.embeddings.position_embedding.weight": "embeddings.position_embedding",
+    "vision_model.pre_layrnorm.weight": "embeddings.pre_layernorm.weight",  # sic: HF's spelling
+    "vision_model.pre_layrnorm.bias": "embeddings.pre_layernorm.bias",
+    "vision_model.encoder.layers.{}.layer_norm1.weight": "encoder.layers.{}.input_layernorm.weight",
+    "vision_model.encoder.layers.{}.layer_norm1.bias": "encoder.layers.{}.input_layernorm.bias",
+    "vision_model.encoder.layers.{}.self_attn.out_proj.weight": "encoder.layers.{}.self_attn.dense.weight",
+    "vision_model.encoder.layers.{}.self_attn.out_proj.bias": "encoder.layers.{}.self_attn.dense.bias",
+    "vision_model.encoder.layers.{}.layer_norm2.weight": "encoder.layers.{}.post_attention_layernorm.weight",
+    "vision_model.encoder.layers.{}.layer_norm2.bias": "encoder.layers.{}.post_attention_layernorm.bias",
+    "vision_model.encoder.layers.{}.mlp.fc1.weight": "encoder.layers.{}.mlp.fc1.weight",
+    "vision_model.encoder.layers.{}.mlp.fc1.bias": "encoder.layers.{}.mlp.fc1.bias",
+    "vision_model.encoder.layers.{}.mlp.fc2.weight": "encoder.layers.{}.mlp.fc2.weight",
+    "vision_model.encoder.layers.{}.mlp.fc2.bias": "encoder.layers.{}.mlp.fc2.bias",
+    "vision_model.post_layernorm.weight": "post_layernorm.weight",
+    "vision_model.post_layernorm.bias": "post_layernorm.bias",
+}
+HF_CLIP_QKV = "vision_model.encoder.layers.{}.self_attn.{}_proj.{}"  # layer, q|k|v, weight|bias
+
+
+def _template(key):
+    """'a.layers.3.b' -> ('a.layers.{}.b', '3'); keys without a layer index -> (key, None)."""
+    m = re.search(r"\.(\d+)\.", key)
+    return (key[:m.start()] + ".{}." + key[m.end():], m.group(1)) if m else (key, None)
+
+
+def map_hf_clip(sd, cfg: VisionConfig):
+    """HF CLIPModel state dict -> our vision names. The text tower and projections are ignored."""
+    out, qkv = {}, {}
+    for k, v in sd.items():
+        if not k.startswith("vision_model.") or k.endswith("position_ids"):
+            continue
+        t, i = _template(k)
+        m = re.fullmatch(r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", k)
+        if m:
+            qkv[(int(m[1]), m[2], m[3])] = v
+        elif t in HF_CLIP:
+            out[HF_CLIP[t].format(i)] = v
+        else:
+            out[k] = v  # unknown: reported as unexpected by the check
+    C, nh = cfg.hidden_size, cfg.num_attention_heads
+    if "embeddings.cls_token" in out:
+        out["embeddings.cls_token"] = out["embeddings.cls_token"].reshape(1, 1, -1)
+    if "embeddings.position_embedding" in out:
+        out["embeddings.position_embedding"] = out["embeddings.position_embedding"][None]
+    for layer in sorted({l for l, _, _ in qkv}):
+        for kind in ("weight", "bias"):
+            parts = [qkv.get((layer, p, kind)) for p in "qkv"]
+            if any(p is None for p in parts):
+                raise CheckpointError(f"HF CLIP layer {layer}: q/k/v {kind} incomplete, cannot fuse")
+            # official layout: rows grouped per head as [q_h; k_h; v_h]
+            fused = torch.stack([p.reshape(nh, C // nh, *p.shape[1:]) for p in parts], dim=1)  # (nh, 3, hs, ...)
+            out[f"encoder.layers.{layer}.self_attn.query_key_value.{kind}"] = fused.reshape(3 * C, *parts[0].shape[1:])
+    return out
+
+
+def map_hf_llama(sd):
+    """HF LlamaForCausalLM state dict -> our Llama names: the same names, less the RoPE buffers."""
+    return {k: v for k, v in sd.items() if not IGNORED.match(k)}
+
+
+def map_official(sd):
+    """Official mPLUG-Owl state dict -> our MplugOwl names: the same names, less the RoPE buffers."""
+    return {k: v for k, v in sd.items() if not IGNORED.match(k)}
+
+
+HINTS = {"module.": "saved from DistributedDataParallel: strip 'module.'",
+         "_orig_mod.": "saved from torch.compile: strip '_orig_mod.'",
+         "base_model.model.": "a peft model: merge the adapter first and save the base model"}
+
+
+def _summary(keys, n=4):
+    groups = Counter(k.split(".")[0] for k in keys)
+    return (", ".join(sorted(keys)[:n]) + (", ..." if len(keys) > n else "")
+            + " [by prefix: " + ", ".join(f"{p}.* x{c}" for p, c in groups.most_common()) + "]")
+
+
+def load_checked(module, sd, source):
+    """load_state_dict(strict, assign) after naming every missing, unexpected or mis-shaped key."""
+    want = module.state_dict()
+    missing = [k for k in want if k not in sd]
+    unexpected = [k for k in sd if k not in want]
+    shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(want[k].shape)}" for k in want
+              if k in sd and sd[k].shape != want[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"{source}: the weights do not match the model"]
+        if missing:
+            lines.append(f"  missing {len(missing)}: {_summary(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected {len(unexpected)}: {_summary(unexpected)}")
+        if shapes:
+            lines.append(f"  mis-shaped {len(shapes)}: {'; '.join(shapes[:4])}")
+        hints = {h for p, h in HINTS.items() for k in unexpected if k.startswith(p)}
+        lines += [f"  hint: {h}" for h in sorted(hints)]
+        raise CheckpointError("\n".join(lines))
+    module.load_state_dict(sd, strict=True, assign=True)
+    return module
+
+
+# ----------------------------------------------------------------------------- public loaders
+
+def _tokenizer_file(path):
+    file = os.path.join(path, "tokenizer.model")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{path}: no tokenizer.model")
+    return file
+
+
+def load_config(path):
+    d = read_config(path)
+    if "vision_config" not in d or "text_config" not in d:
+        kind = d.get("model_type", "unknown")
+        raise CheckpointError(f"{path} is not an mPLUG-Owl checkpoint (config.json model_type={kind!r}; "
+                              f"it needs vision_config, visual_abstractor_config and text_config)")
+    try:
+        return OwlConfig.from_official_dict(d)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise CheckpointError(f"{path}/config.json: {e}") from None
+
+
+def load_model(path, device="cpu", dtype=torch.float32):
+    """(model, tokenizer) from a directory in the official mPLUG-Owl layout (or written by train.py).
+    dtype=None keeps the checkpoint's dtype."""
+    cfg = load_config(path)
+    tok_file = _tokenizer_file(path)
+    weight_files(path)  # fail early, before reading anything, if there are none
+    with torch.device("meta"):
+        model = MplugOwl(cfg)
+    sd = map_official(read_weights(path, keep=lambda k: not IGNORED.match(k), dtype=dtype, device=device))
+    load_checked(model, sd, path)
+    return model.eval(), Tokenizer(tok_file, cfg.image_tokens)
+
+
+def load_vision(clip_dir, device="cpu", dtype=torch.float32, layer_norm_eps=None):
+    """The vision tower of an HF CLIP checkpoint as our ViT. By default it keeps CLIP's LayerNorm eps
+    (1e-5), so its outputs equal CLIP's; mPLUG-Owl itself uses 1e-6 (pass layer_norm_eps=1e-6)."""
+    d = read_config(clip_dir)
+    vd = d.get("vision_config", d if d.get("model_type") == "clip_vision_model" else None)
+    if vd is None:
+        raise CheckpointError(f"{clip_dir}/config.json: no vision_config (is this an HF CLIP checkpoint?)")
+    cfg = from_dict(VisionConfig, vd)
+    if layer_norm_eps is not None:
+        cfg.layer_norm_eps = layer_norm_eps
+    with torch.device("meta"):
+        vit = VisionTransformer(cfg)
+    sd = map_hf_clip(read_weights(clip_dir, keep=lambda k: k.startswith("vision_model."), dtype=dtype,
+                                  device=device), cfg)
+    return load_checked(vit, sd, clip_dir).eval()
+
+
+def load_llama(llama_dir, device="cpu", dtype=torch.float32):
+    """An HF LLaMA checkpoint (one file or shards) as our Llama."""
+    d = read_config(llama_dir)
+    if d.get("model_type", "llama") != "llama":
+        raise CheckpointError(f"{llama_dir}/config.json: model_type {d.get('model_type')!r} is not llama")
+    try:
+        cfg = from_dict(LlamaConfig, d)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise CheckpointError(f"{llama_dir}/config.json: {e}") from None
+    with torch.device("meta"):
+        llm = Llama(cfg)
+    sd = map_hf_llama(read_weights(llama_dir, keep=lambda k: not IGNORED.match(k), dtype=dtype, device=device))
+    return load_checked(llm, sd, llama_dir).eval()
+
+
+def load_tokenizer(path, image_tokens=65):
+    return Tokenizer(_tokenizer_file(path), image_tokens)
+
+
+# ----------------------------------------------------------------------------- saving
+
+def atomic_dir(out_dir, write):
+    """Call write(tmp_dir), then move tmp_dir into place: a crash never leaves a half-written out_dir."""
+    out_dir = os.path.abspath(out_dir)
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    old = out_dir + ".old"
+    if os.path.exists(out_dir):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(model: MplugOwl, out_dir, tokenizer_dir=None, tokenizer_file=None, dtype=None):
+    """config.json + model.safetensors (official key layout) + tokenizer.model, atomically.
+    The model must have no unmerged LoRA layers (merge them first: owl.lora.merge_lora)."""
+    sd = model.state_dict()
+    if any("lora_" in k for k in sd):
+        raise CheckpointError("the model still has LoRA layers: merge them (owl.lora.merge_lora) before saving")
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+          for k, v in sd.items()}
+    tok = tokenizer_file or (_tokenizer_file(tokenizer_dir) if tokenizer_dir else None)
+
+    def write(tmp):
+        save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(model.config.to_official_dict(), f, indent=2)
+        if tok:
+            shutil.copy(tok, os.path.join(tmp, "tokenizer.model"))
+    atomic_dir(out_dir, write)
+
+
+def apply_adapter(model: MplugOwl, adapter_file):
+    """Put the LoRA layers described by adapter.json (beside adapter_file) on the LLM and load the
+    adapter's tensors (LoRA A/B and any other trained tensor, e.g. the abstractor), checked."""
+    from .lora import apply_lora
+    meta_file = os.path.join(os.path.dirname(os.path.abspath(adapter_file)), "adapter.json")
+    if not os.path.isfile(adapter_file):
+        raise CheckpointError(f"{adapter_file}: no such adapter file")
+    if not os.path.isfile(meta_file):
+        raise CheckpointError(f"{meta_file}: missing (it holds the adapter's r, alpha and targets)")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    apply_lora(model.language_model, tuple(meta["targets"]), meta["r"], meta["alpha"], meta.get("dropout", 0.0))
+    p = next(model.parameters())
+    with safe_open(adapter_file, framework="pt", device="cpu") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    want = model.state_dict()
+    lora_keys = [k for k in want if "lora_" in k]
+    missing = [k for k in lora_keys if k not in sd]
+    unexpected = [k for k in sd if k not in want]
+    shapes = [k for k in sd if k in want and sd[k].shape != want[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"{adapter_file} does not fit this model: missing {len(missing)} "
+                              f"({_summary(missing) if missing else '-'}), unexpected {len(unexpected)} "
+                              f"({_summary(unexpected) if unexpected else '-'}), mis-shaped {len(shapes)} "
+                              f"({', '.join(shapes[:3]) or '-'})")
+    with torch.no_grad():
+        for k, v in sd.items():
+            t = want[k]
+            t.copy_(v.to(t.dtype if "lora_" not in k else t.dtype))
+    return meta

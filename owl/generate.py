@@ -1,0 +1,119 @@
+"""Generation as small named functions around an explicit KV cache (gpt-fast):
+`sample` picks the next token, `prefill` runs the prompt (images spliced in) through the model,
+`decode_one_token` runs one new token, `generate_tokens` loops until EOS, and `generate` is the
+public entry point that takes prompts in the official template and PIL images.
+
+Stopping follows the official model (HF generate): a row ends at EOS, which is returned with it.
+Several prompts generate as one batch with left padding; each row keeps its own positions, so
+greedy results equal the unbatched ones.
+"""
+import torch
+
+from .image import preprocess_image
+
+
+def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):  # logits (B, vocab)
+    """Greedy at temperature 0; else softmax(logits / T) restricted to the top-k and the top-p mass."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)  # (B,)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # tokens after the mass reaches top_p (keeps >= 1)
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+def prefill(model, input_ids, image_embeds=None, start_pos=0, pad_mask=None, position_ids=None):
+    """Run the prompt (B, T) through the model, filling the KV cache; next-token logits (B, vocab)."""
+    x = model.embed(input_ids, image_embeds)  # (B, T, C)
+    return model.language_model(inputs_embeds=x, start_pos=start_pos, pad_mask=pad_mask,
+                                position_ids=position_ids, last_only=True)[:, -1]
+
+
+def decode_one_token(model, token, pos, pad_mask=None, position_ids=None):  # token (B,)
+    return model.language_model(token[:, None], start_pos=pos, pad_mask=pad_mask,
+                                position_ids=position_ids)[:, -1]  # (B, vocab)
+
+
+def generate_tokens(model, input_ids, image_embeds=None, max_new_tokens=64, start_pos=0, pad_mask=None,
+                    temperature=0.0, top_k=0, top_p=1.0, generator=None, eos_id=2, stream=None):
+    """Generate after input_ids (B, T) with the caches already set up (positions < start_pos cached).
+    stream(ids) is called with the (B,) new ids at each step; returning True stops early.
+    Returns the new ids of each row, up to and including its EOS."""
+    B, T = input_ids.shape
+    position_ids = None
+    if pad_mask is not None:  # left padding: each row counts positions from its first real token
+        pad_mask = torch.cat([pad_mask, pad_mask.new_ones(B, max_new_tokens)], dim=1)  # (B, T + new)
+        position_ids = (pad_mask[:, :T].long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    logits = prefill(model, input_ids, image_embeds, start_pos, pad_mask, position_ids)
+    out, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    for step in range(max_new_tokens):
+        token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+        for b in range(B):
+            if not done[b]:
+                out[b].append(int(token[b]))
+        done |= token == eos_id
+        if (stream is not None and stream(token)) or bool(done.all()) or step == max_new_tokens - 1:
+            break
+        pos = start_pos + T + step
+        if position_ids is not None:
+            position_ids = position_ids[:, -1:] + 1  # (B, 1)
+        logits = decode_one_token(model, token, pos, pad_mask, position_ids)
+    return out
+
+
+def encode_batch(model, tokenizer, prompts, images):
+    """Token ids (left-padded), the padding mask (or None) and the visual tokens of all images."""
+    rows = [tokenizer.encode_prompt(p) for p in prompts]
+    n_slots = sum(sum(1 for i in r if i < 0) for r in rows) // tokenizer.image_tokens
+    if n_slots != len(images):
+        raise ValueError(f"the prompt(s) have {n_slots} <image> but {len(images)} image(s) were given")
+    ctx = model.config.text_config.max_position_embeddings
+    T = max(len(r) for r in rows)
+    if T >= ctx:
+        raise ValueError(f"the prompt is {T} tokens long; the model's context is {ctx} tokens")
+    device = model.language_model.lm_head.weight.device
+    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows], device=device)  # (B, T)
+    pad_mask = None
+    if any(len(r) < T for r in rows):
+        pad_mask = torch.tensor([[False] * (T - len(r)) + [True] * len(r) for r in rows], device=device)
+    embeds = None
+    if images:
+        size = model.config.vision_config.image_size
+        pixels = torch.stack([preprocess_image(im, size) for im in images]).to(device)  # (N, 3, H, W)
+        embeds = model.encode_images(pixels.to(model.vision_model.embeddings.patch_embed.weight.dtype))
+    return ids, pad_mask, embeds
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompt, images=(), max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
+             seed=None, stream=None):
+    """New token ids for a prompt in the official template with one <image> per PIL image.
+
+    `prompt` may be a list of prompts (then `images` are all their images in order, and a list of
+    id lists is returned). temperature 0 is greedy; `seed` makes sampling repeatable; stream is called
+    with each new id (an int; a (B,) tensor for a list of prompts) and may return True to stop."""
+    single = isinstance(prompt, str)
+    prompts = [prompt] if single else list(prompt)
+    ids, pad_mask, embeds = encode_batch(model, tokenizer, prompts, list(images))
+    B, T = ids.shape
+    max_new_tokens = min(max_new_tokens, model.config.text_config.max_position_embeddings - T)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=ids.device).manual_seed(seed)
+    if single and stream is not None:
+        user_stream = stream
+        stream = lambda t: user_stream(int(t[0]))  # one prompt: the callback gets plain ints
+    model.language_model.setup_caches(B, T + max_new_tokens)
+    try:
+        out = generate_tokens(model, ids, embeds, max_new_tokens, 0, pad_mask, temperature, top_k, top_p,
+                              generator, tokenizer.eos_id, stream)
+    finally:
+        model.language_model.reset_caches()
+    return out[0] if single else out

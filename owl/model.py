@@ -1,0 +1,77 @@
+"""mPLUG-Owl: fV -> fK -> fL (paper, Figure 2; official `MplugOwlForConditionalGeneration`).
+
+The ViT encodes each image into patch features, the abstractor summarises them into
+num_query_tokens + 1 visual tokens at the LLM width, and those are spliced into the text embeddings
+at the image slots of the prompt (tokenizer.encode_prompt marks them with -1), in image order.
+Parameter names follow the official checkpoint: vision_model.*, query_tokens, abstractor.*,
+language_model.*.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import OwlConfig
+from .vision import VisionTransformer
+from .abstractor import VisualAbstractor
+from .llama import Llama
+
+IGNORE = -100  # label of positions that carry no loss
+
+
+class MplugOwl(nn.Module):
+    def __init__(self, cfg: OwlConfig):
+        super().__init__()
+        self.config = cfg
+        a = cfg.visual_abstractor_config
+        self.vision_model = VisionTransformer(cfg.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, a.hidden_size))
+        self.abstractor = VisualAbstractor(a, cfg.text_config.hidden_size)
+        self.language_model = Llama(cfg.text_config)
+
+    def init_weights(self, std=0.02):
+        self.vision_model.init_weights(std)
+        nn.init.normal_(self.query_tokens, std=std)
+        self.abstractor.init_weights(std)
+        self.language_model.init_weights(std)
+
+    def encode_images(self, pixel_values):  # (N, 3, H, W)
+        """The visual tokens the LLM receives: (N, num_query_tokens + 1, llm_hidden)."""
+        feats = self.vision_model(pixel_values)  # (N, 257, 1024)
+        q = self.query_tokens.expand(feats.shape[0], -1, -1)  # (N, 64, 1024)
+        return self.abstractor(q, feats.to(q.dtype))  # (N, 65, 4096)
+
+    def embed(self, input_ids, image_embeds=None):
+        """Text embeddings with the image slots (ids < 0) filled, row by row, image by image."""
+        slots = input_ids < 0  # (B, T)
+        x = self.language_model.model.embed_tokens(input_ids.clamp(min=0))  # (B, T, C)
+        n_slots = int(slots.sum())
+        n_given = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
+        if n_slots != n_given:
+            per = self.config.image_tokens
+            raise ValueError(f"the prompt has {n_slots // per} image slot(s) ({n_slots} positions) "
+                             f"but {n_given // per} image(s) were given")
+        if n_slots:
+            x = x.clone()
+            x[slots] = image_embeds.reshape(-1, x.shape[-1]).to(x.dtype)  # (n_slots, C)
+        return x
+
+    def forward(self, input_ids, pixel_values=None, image_embeds=None, start_pos=0, pad_mask=None,
+                position_ids=None, last_only=False):
+        """Logits (B, T, vocab). input_ids (B, T) holds -1 at image slots; pixel_values (N, 3, H, W)
+        are the N images of the batch in order (or pass their image_embeds)."""
+        if image_embeds is None and pixel_values is not None and len(pixel_values):
+            image_embeds = self.encode_images(pixel_values)
+        x = self.embed(input_ids, image_embeds)
+        return self.language_model(inputs_embeds=x, start_pos=start_pos, pad_mask=pad_mask,
+                                   position_ids=position_ids, last_only=last_only)
+
+
+def lm_loss_sum(logits, labels):
+    """Sum of next-token cross-entropy over the positions whose label is not IGNORE, and their count.
+
+    Training divides the sum by the target count of the whole optimizer step (all micro-batches,
+    all processes), so batch, accumulation and data parallelism give the same gradient."""
+    logits, labels = logits[:, :-1], labels[:, 1:]  # predict token t+1 from positions <= t
+    keep = labels != IGNORE  # (B, T-1)
+    loss = F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
+    return loss, int(keep.sum())

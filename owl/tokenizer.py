@@ -1,0 +1,58 @@
+"""The LLaMA tokenizer (sentencepiece, read from `tokenizer.model` directly) and the prompt template.
+
+Prompt tokenisation follows the official `_tokenize_prompt`: BOS, then the prompt split around each
+`<image>`; every text chunk is encoded on its own (so each gets sentencepiece's dummy-prefix space,
+as HF's LlamaTokenizer with legacy=True does), and every `<image>` becomes num_query_tokens + 1 slots
+holding -1, which the model fills with that image's visual tokens.
+"""
+import os
+import re
+
+import sentencepiece as spm
+
+IMAGE = "<image>"
+# The official conversation template (paper, "Joint Instruction Tuning": Vicuna-style snippets).
+SYSTEM = ("The following is a conversation between a curious human and AI assistant. The assistant gives "
+          "helpful, detailed, and polite answers to the user's questions.\n")
+
+
+def build_prompt(turns):
+    """turns: [(num_images, question, answer or None), ...] -> a prompt in the official template.
+
+    Each turn is one `Human: <image>` line per image, then `Human: {question}\\nAI: `, then the answer
+    (if given) and a newline; a prompt for generation ends with the last turn's `AI: `."""
+    s = SYSTEM
+    for n_images, question, answer in turns:
+        s += f"Human: {IMAGE}\n" * n_images + f"Human: {question}\nAI: "
+        if answer is not None:
+            s += f"{answer}\n"
+    return s
+
+
+class Tokenizer:
+    def __init__(self, model_file, image_tokens=65):
+        if not os.path.isfile(model_file):
+            raise FileNotFoundError(f"{model_file}: no such tokenizer file")
+        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        self.model_file = model_file
+        self.image_tokens = image_tokens  # slots per <image>: num_query_tokens + 1
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.vocab_size = self.sp.vocab_size()
+        # ids decode skips, as HF's decode(skip_special_tokens=True) does
+        self.special = {i for i in (self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id(), self.sp.pad_id()) if i >= 0}
+
+    def encode(self, text, bos=False, eos=False):
+        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def encode_prompt(self, prompt, bos=True):
+        """Ids of a prompt in the official template: BOS, text chunks, -1 x image_tokens per <image>."""
+        ids = [self.bos_id] if bos else []
+        for chunk in re.split(f"({re.escape(IMAGE)})", prompt):
+            if chunk == IMAGE:
+                ids += [-1] * self.image_tokens
+            elif chunk:
+                ids += self.sp.encode(chunk)
+        return ids
+
+    def decode(self, ids):
+        return self.sp.decode([i for i in ids if i >= 0 and i not in self.special])
