@@ -75,6 +75,8 @@ def read_weights(path, keep=lambda k: True, dtype=None, device="cpu"):
 
 
 def read_config(path):
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise CheckpointError(f"{path}: no config.json")
