@@ -171,13 +171,11 @@ def _summary(keys, n=4):
             + " [by prefix: " + ", ".join(f"{p}.* x{c}" for p, c in groups.most_common()) + "]")
 
 
-def load_checked(module, sd, source):
-    """load_state_dict(strict, assign) after naming every missing, unexpected or mis-shaped key."""
-    want = module.state_dict()
-    missing = [k for k in want if k not in sd]
-    unexpected = [k for k in sd if k not in want]
-    shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(want[k].shape)}" for k in want
-              if k in sd and sd[k].shape != want[k].shape]
+def check_keys(want, got, source):
+    """Raise, naming them, if the {name: shape} dicts differ in any key or shape."""
+    missing = [k for k in want if k not in got]
+    unexpected = [k for k in got if k not in want]
+    shapes = [f"{k} {tuple(got[k])} != {tuple(want[k])}" for k in want if k in got and tuple(got[k]) != tuple(want[k])]
     if missing or unexpected or shapes:
         lines = [f"{source}: the weights do not match the model"]
         if missing:
@@ -189,6 +187,11 @@ def load_checked(module, sd, source):
         hints = {h for p, h in HINTS.items() for k in unexpected if k.startswith(p)}
         lines += [f"  hint: {h}" for h in sorted(hints)]
         raise CheckpointError("\n".join(lines))
+
+
+def load_checked(module, sd, source):
+    """load_state_dict(strict, assign) after naming every missing, unexpected or mis-shaped key."""
+    check_keys({k: v.shape for k, v in module.state_dict().items()}, {k: v.shape for k, v in sd.items()}, source)
     module.load_state_dict(sd, strict=True, assign=True)
     return module
 
@@ -271,7 +274,11 @@ def atomic_dir(out_dir, write):
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = out_dir + ".old"
     if os.path.exists(out_dir):
         shutil.rmtree(old, ignore_errors=True)
