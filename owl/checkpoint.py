@@ -67,9 +67,7 @@ def read_weights(path, keep=lambda k: True, dtype=None, device="cpu"):
                         if dtype is not None and t.is_floating_point():
                             t = t.to(dtype)
                         out[k] = t.to(device)
-        except (OSError, Exception) as e:
-            if isinstance(e, CheckpointError):
-                raise
+        except Exception as e:  # a truncated or corrupt file
             raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
     return out
 
@@ -318,7 +316,6 @@ def apply_adapter(model: MplugOwl, adapter_file):
     with open(meta_file) as f:
         meta = json.load(f)
     apply_lora(model.language_model, tuple(meta["targets"]), meta["r"], meta["alpha"], meta.get("dropout", 0.0))
-    p = next(model.parameters())
     with safe_open(adapter_file, framework="pt", device="cpu") as f:
         sd = {k: f.get_tensor(k) for k in f.keys()}
     want = model.state_dict()
@@ -333,6 +330,5 @@ def apply_adapter(model: MplugOwl, adapter_file):
                               f"({', '.join(shapes[:3]) or '-'})")
     with torch.no_grad():
         for k, v in sd.items():
-            t = want[k]
-            t.copy_(v.to(t.dtype if "lora_" not in k else t.dtype))
+            want[k].copy_(v)  # state_dict tensors share storage with the parameters; copy_ casts dtype
     return meta
