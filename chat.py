@@ -1,0 +1,310 @@
+"""Talk to mPLUG-Owl in the terminal (paper, "Qualitative Analysis": multi-turn dialogue, several
+images, scene text), answer one prompt for a script, or run the OwlEval questions.
+
+    python chat.py --checkpoint DIR                                  # interactive
+    python chat.py --checkpoint DIR --image a.jpg --prompt "What is funny here?"
+    python chat.py --checkpoint DIR --owleval OWLEVAL_DIR --out answers.jsonl [--html report.html]
+
+The conversation follows the official template; the KV cache is kept between turns, so a new turn
+runs only its new tokens (owl/chat_session.py). Sampling is greedy unless --temperature > 0.
+"""
+import argparse
+import contextlib
+import os
+import signal
+import sys
+
+import torch
+from tqdm import tqdm
+
+import owl
+from owl.chat_session import ChatError, ChatSession, format_stats
+from owl import owleval as ev
+from owl.owleval import OwlEvalError
+
+HELP = """commands:
+  /image PATH   attach an image to the next question (repeatable)
+  /reset        start a new conversation
+  /history      show the conversation and how much of the context window it uses
+  /help         this help
+  /quit         leave (Ctrl-D too); Ctrl-C while the model answers stops the answer"""
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        self.exit(2, f"error: {message} (chat.py --help lists the options)\n")
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.split("\n\n")[0], epilog="interactive " + HELP,
+               formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="model folder in the official layout (config.json, "
+                   "model.safetensors, tokenizer.model)")
+    p.add_argument("--device", default="auto", help="cuda, mps or cpu (default: the first available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="default: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on cpu")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
+    p.add_argument("--adapter", metavar="FILE", help="a stage-2 adapter.safetensors written by train.py (adapter.json beside it)")
+    p.add_argument("--int8", action="store_true", help="int8 weights for the LLM's linear layers (owl/quant.py)")
+    p.add_argument("--stats", action="store_true", help="after each answer: time to first token, tokens/s")
+    p.add_argument("--prompt", metavar="TEXT", help="one-shot: answer this question ('-' reads it from stdin) and exit")
+    p.add_argument("--raw-prompt", metavar="TEXT", help="one-shot: a complete prompt in the official template, verbatim")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image for the prompt (repeatable; interactive: attached to the first question)")
+    p.add_argument("--owleval", metavar="DIR", help="answer the OwlEval questions in DIR")
+    p.add_argument("--out", metavar="FILE", help="with --owleval: the answers, one JSON line per question")
+    p.add_argument("--html", metavar="FILE", help="with --owleval: a rating page with our and the other models' answers")
+    p.add_argument("--model-id", help="with --owleval: the model_id written (default: the checkpoint's name)")
+    a = p.parse_args(argv)
+    if a.prompt is not None and a.raw_prompt is not None:
+        p.error("--prompt and --raw-prompt exclude each other")
+    if a.owleval and (a.prompt is not None or a.raw_prompt is not None or a.image):
+        p.error("--owleval takes no --prompt, --raw-prompt or --image")
+    if a.owleval and not a.out:
+        p.error("--owleval needs --out FILE")
+    if (a.out or a.html or a.model_id) and not a.owleval:
+        p.error("--out, --html and --model-id go with --owleval")
+    if a.max_new_tokens < 1 or a.temperature < 0 or a.top_k < 0 or not 0 < a.top_p <= 1:
+        p.error("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1")
+    return a
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device (use cuda, mps or cpu)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available on this machine")
+    return dev
+
+
+def pick_dtype(name, device):
+    if name != "auto":
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if device.type == "mps" else torch.float32
+
+
+def check_checkpoint(path):
+    """Fail in one line, before any loading starts, if the folder lacks a file the load needs."""
+    if not os.path.isdir(path):
+        raise owl.CheckpointError(f"--checkpoint {path}: no such directory")
+    owl.checkpoint.load_config(path)
+    owl.checkpoint.weight_files(path)
+    if not os.path.isfile(os.path.join(path, "tokenizer.model")):
+        raise owl.CheckpointError(f"{path}: no tokenizer.model")
+
+
+def load(args):
+    """(model, tokenizer), with a progress bar over the load steps on stderr."""
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    quantize_int8 = None
+    if args.int8:  # owl/quant.py is optional: say so before loading anything
+        try:
+            from owl.quant import quantize_int8
+        except ImportError as e:
+            raise UsageError(f"--int8: owl.quant is not available in this checkout ({e})") from None
+    steps = ["config", "weights + tokenizer"] + ["adapter"] * bool(args.adapter) + ["int8"] * args.int8
+    with tqdm(total=len(steps), desc="loading", unit="step", file=sys.stderr, leave=False) as bar:
+        bar.set_postfix_str(steps[0])
+        owl.checkpoint.load_config(args.checkpoint)
+        bar.update()
+        bar.set_postfix_str(steps[1])
+        model, tok = owl.load_model(args.checkpoint, device=device, dtype=dtype)
+        bar.update()
+        if args.adapter:
+            bar.set_postfix_str("adapter")
+            try:
+                owl.apply_adapter(model, args.adapter)
+            except (KeyError, ValueError, OSError) as e:
+                if isinstance(e, owl.CheckpointError):
+                    raise
+                raise owl.CheckpointError(f"{args.adapter}: cannot apply the adapter ({e!r})") from None
+            bar.update()
+        if quantize_int8 is not None:
+            bar.set_postfix_str("int8")
+            quantize_int8(model)
+            bar.update()
+    print(f"loaded {args.checkpoint} on {device} ({str(dtype).replace('torch.', '')})", file=sys.stderr)
+    return model.eval(), tok
+
+
+@contextlib.contextmanager
+def ctrl_c_stops(session):
+    """While the model answers, Ctrl-C ends the answer after the current token (a second one at once)."""
+    def handler(sig, frame):
+        if session.stop_requested:
+            raise KeyboardInterrupt
+        session.stop_requested = True
+    session.stop_requested = False
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def write(text):
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def answer(session, args, question=None, raw=None, images=(), prefix=""):
+    """Stream one answer to stdout (after prefix); False if it could not start (the reason on stderr)."""
+    started = []
+
+    def on_text(text):
+        if not started:
+            started.append(write(prefix))
+        write(text)
+    try:
+        with ctrl_c_stops(session):
+            a = session.ask(question, on_text) if raw is None else session.complete(raw, images, on_text)
+    except ChatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return False
+    except KeyboardInterrupt:  # a second Ctrl-C: the answer is dropped
+        write(" [stopped]\n")
+        return True
+    on_text("")
+    write(" [stopped]\n" if a.stopped_by == "interrupt" else "\n")
+    if a.stopped_by == "context":
+        print("[the context window is full: /reset starts a new conversation]", file=sys.stderr)
+    if args.stats:
+        print(format_stats(a.stats), file=sys.stderr)
+    return True
+
+
+def history(session):
+    lines = []
+    for t in session.turns:
+        lines += [f"Human: [image: {p}]" for _, p in t.images] + [f"Human: {t.question}", f"AI: {t.answer}"]
+    lines += [f"(attached for the next question: {p})" for p in session.pending_paths()]
+    used, ctx = session.context_used()
+    lines.append(f"[{len(session.turns)} turn(s); {used} of {ctx} context tokens ({100 * used / ctx:.0f}%)]")
+    return "\n".join(lines)
+
+
+def interactive(session, args, images):
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (line editing and history for input())
+    for path, im in zip(args.image, images):
+        session.add_image(path, im)
+    print(f"mPLUG-Owl chat: {args.checkpoint}. Type a question; /help for commands.")
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print("\n(/quit or Ctrl-D to leave)")
+            continue
+        if not line:
+            continue
+        if not line.startswith("/"):
+            answer(session, args, question=line, prefix="AI: ")
+            continue
+        cmd, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if cmd in ("/quit", "/exit"):
+            return 0
+        elif cmd == "/help":
+            print(HELP)
+        elif cmd == "/image":
+            if not arg:
+                print("usage: /image PATH", file=sys.stderr)
+                continue
+            arg = os.path.expanduser(arg.strip("'\""))  # a path dropped into a terminal comes quoted
+            try:
+                im = session.add_image(arg)
+                print(f"[image attached: {arg} ({im.width}x{im.height})]")
+            except owl.ImageError as e:
+                print(f"error: {e}", file=sys.stderr)
+        elif cmd == "/reset":
+            session.reset()
+            print("[new conversation]")
+        elif cmd == "/history":
+            print(history(session))
+        else:
+            print(f"unknown command {cmd}: /help lists the commands", file=sys.stderr)
+
+
+def one_shot(session, args, images):
+    if args.raw_prompt is not None:
+        ok = answer(session, args, raw=args.raw_prompt, images=images)
+    else:
+        question = sys.stdin.read().strip() if args.prompt == "-" else args.prompt
+        if not question:
+            raise UsageError("--prompt: the question is empty")
+        for path, im in zip(args.image, images):
+            session.add_image(path, im)
+        ok = answer(session, args, question=question)
+    return 0 if ok else 1
+
+
+def run_owleval(session, args):
+    questions = ev.read_questions(args.owleval)  # checks the folder before anything is written
+    others = ev.read_answers(args.owleval)
+    model_id = args.model_id or os.path.basename(os.path.normpath(args.checkpoint))
+    with tqdm(total=len(questions), desc="OwlEval", unit="question", file=sys.stderr) as bar:
+        records = ev.run(session, args.owleval, questions, model_id, progress=bar.update,
+                         warn=lambda m: bar.write(m, file=sys.stderr))
+    ev.write_jsonl(records, args.out)
+    print(f"wrote {len(records)} answers to {args.out}", file=sys.stderr)
+    if args.html:
+        ev.write_html(records, questions, others, args.owleval, args.html, model_id)
+        print(f"wrote the rating page {args.html}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if (sys.stdout.encoding or "").lower().replace("-", "") != "utf8":
+        sys.stdout.reconfigure(errors="replace")  # never crash printing a character the terminal lacks
+    try:
+        if args.owleval:  # check the folder before spending time on loading
+            ev.read_questions(args.owleval)
+        check_checkpoint(args.checkpoint)
+        if args.adapter and not os.path.isfile(args.adapter):
+            raise owl.CheckpointError(f"--adapter {args.adapter}: no such adapter file")
+        images = [owl.load_image(p) for p in args.image]  # raises owl.ImageError naming the file
+        if args.raw_prompt is not None and args.raw_prompt.count(owl.IMAGE) != len(images):
+            raise UsageError(f"--raw-prompt has {args.raw_prompt.count(owl.IMAGE)} {owl.IMAGE} "
+                             f"but {len(images)} --image")
+        model, tok = load(args)
+        session = ChatSession(model, tok, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+        if args.owleval:
+            return run_owleval(session, args)
+        if args.prompt is not None or args.raw_prompt is not None:
+            return one_shot(session, args, images)
+        return interactive(session, args, images)
+    except (owl.CheckpointError, owl.ImageError, OwlEvalError, ChatError, UsageError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

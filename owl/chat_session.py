@@ -1,0 +1,268 @@
+"""A multi-turn conversation with the model, keeping the KV cache between turns: chat.py's engine
+(paper, "Qualitative Analysis": multi-turn dialogue, several images in one conversation).
+
+Each turn rebuilds the whole prompt in the official template (tokenizer.build_prompt), tokenises it,
+and finds the longest prefix it shares with the positions already in the KV cache; only the rest is
+run through the model, starting at that position, and images are encoded once. The answer is exactly
+the one a from-scratch run on the full prompt gives: the cached keys and values of position p depend
+only on the tokens at positions <= p.
+
+What a turn runs: its own tokens, plus the previous answer once more, in the same batched prefill.
+The prompt ends in "AI: ", whose space is a lone "▁" piece; in the next turn's prompt the answer
+follows that space and sentencepiece merges them ("▁It"), so from there on the official tokenisation
+differs from the generated ids and every later position shifts by one. Reusing the generated ids
+instead would save that prefill but give a prompt the official model never sees. The images and the
+earlier turns are never recomputed.
+
+An answer ends at EOS, or when the model starts the next `Human:` turn (the official demo cuts the
+text there too); that text is never shown. Streaming decodes all answer ids so far and prints only
+what is new, holding back a trailing U+FFFD (an unfinished multi-byte character from byte-fallback
+pieces) and a trailing "\\nHum" that may still become the stop; at the end what was printed equals
+the answer text.
+"""
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .generate import generate_tokens
+from .image import load_image, preprocess_image
+from .tokenizer import IMAGE, build_prompt
+
+STOP = "Human:"  # the start of the next turn in the official template
+_STOP_RE = re.compile(r"(?:^|\n)[ \t]*" + re.escape(STOP))
+
+
+class ChatError(ValueError):
+    """A user-level problem with a turn (the session is unchanged)."""
+
+
+class ContextFull(ChatError):
+    pass
+
+
+def find_stop(text):
+    """Where the answer text starts the next `Human:` turn, or None."""
+    m = _STOP_RE.search(text)
+    return None if m is None else m.start()
+
+
+def _ready(text):
+    """The part of the (stop-free) text that can be shown now."""
+    end = len(text.rstrip("\ufffd"))  # a trailing U+FFFD may be the first bytes of a character to come
+    line = text.rfind("\n", 0, end) + 1
+    if STOP.startswith(text[line:end].lstrip(" \t")) and end > 0:  # "...\nHum" may still become the stop
+        end = max(line - 1, 0)
+    return text[:end]
+
+
+class StreamDecoder:
+    """Answer ids in, newly printable text out (see the module docstring)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.printed, self.stopped = tokenizer, [], "", False
+
+    def _emit(self, text):
+        if text.startswith(self.printed) and len(text) > len(self.printed):
+            new, self.printed = text[len(self.printed):], text
+            return new
+        return ""
+
+    def push(self, token_id):
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        cut = find_stop(text)
+        if cut is not None:
+            self.stopped = True
+            return self._emit(text[:cut])
+        return self._emit(_ready(text))
+
+    def finish(self):
+        """(the rest to print, the whole answer text)."""
+        text = self.tokenizer.decode(self.ids)
+        cut = find_stop(text)
+        text = text if cut is None else text[:cut]
+        return self._emit(text), text
+
+
+@dataclass
+class Answer:
+    text: str  # what was shown: the decoded ids, cut before a `Human:` turn
+    ids: list  # the generated ids, without EOS (with a stop, they include the stop's tokens)
+    stopped_by: str  # "eos", "turn" (started the next Human: turn), "length", "context", "interrupt"
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class Turn:
+    images: list  # [(uid, path)] attached before the question
+    question: str
+    answer: str
+
+
+class ChatSession:
+    def __init__(self, model, tokenizer, max_new_tokens=512, temperature=0.0, top_k=0, top_p=1.0, seed=None):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
+        self.device = model.language_model.lm_head.weight.device
+        self.generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
+        self.context = model.config.text_config.max_position_embeddings
+        self.stop_requested = False  # set (e.g. by a Ctrl-C handler) to end the answer after this token
+        self._cache = None  # layer 0's KVCache object, to notice if someone else replaced the caches
+        self._cached = []  # key of every position whose K/V are in the cache: token id or ("img", uid, j)
+        self._embeds = {}  # uid -> visual tokens (image_tokens, C) of images already encoded
+        self._images = {}  # uid -> (path, PIL image)
+        self._next_uid = 0
+        self.reset()
+
+    # ------------------------------------------------------------------ conversation state
+    def reset(self):
+        """A new conversation. The cache is kept: the system line is the same and stays reused."""
+        self.turns, self.pending = [], []
+        self._images.clear()
+        self._embeds.clear()
+
+    def add_image(self, path, image=None):
+        """Attach an image to the next question (raises owl.ImageError naming the file)."""
+        image = load_image(path) if image is None else image
+        uid, self._next_uid = self._next_uid, self._next_uid + 1
+        self._images[uid] = (path, image)
+        self.pending.append(uid)
+        return image
+
+    def pending_paths(self):
+        return [self._images[u][0] for u in self.pending]
+
+    def prompt(self, question=None):
+        """The conversation in the official template, ending with `AI: ` for a new question."""
+        turns = [(len(t.images), t.question, t.answer) for t in self.turns]
+        if question is not None:
+            turns.append((len(self.pending), question, None))
+        return build_prompt(turns)
+
+    def context_used(self):
+        return len(self.tokenizer.encode_prompt(self.prompt())), self.context
+
+    def close(self):
+        self.model.language_model.reset_caches()
+        self._cache, self._cached = None, []
+
+    # ------------------------------------------------------------------ answering
+    def ask(self, question, on_text=None):
+        """Answer a question about the images attached so far; the turn joins the conversation."""
+        if IMAGE in question:
+            raise ChatError(f"the question contains {IMAGE}: attach images with /image (or --image) instead")
+        uids = [u for t in self.turns for u, _ in t.images] + self.pending
+        answer = self._run(self.prompt(question), uids, on_text)
+        # An answer that spells "<image>" would turn into image slots in the next prompt: break it up.
+        kept = answer.text.replace(IMAGE, "<image >")
+        self.turns.append(Turn([(u, self._images[u][0]) for u in self.pending], question, kept))
+        self.pending = []
+        return answer
+
+    def complete(self, prompt, images=(), on_text=None):
+        """Answer a complete prompt in the official template (one <image> per PIL image), verbatim."""
+        n = prompt.count(IMAGE)
+        if n != len(images):
+            raise ChatError(f"the prompt has {n} {IMAGE} but {len(images)} image(s) were given")
+        self.reset()
+        for im in images:
+            self.add_image(None, im)
+        uids, self.pending = self.pending, []
+        return self._run(prompt, uids, on_text)
+
+    def _keys(self, ids, uids):
+        """Cache keys: the token id, or ("img", uid, j) at the j-th slot of an image, so that image
+        slots match only for the same image at the same place."""
+        per, keys, s = self.tokenizer.image_tokens, [], 0
+        for t in ids:
+            if t >= 0:
+                keys.append(t)
+            else:
+                keys.append(("img", uids[s // per], s % per))
+                s += 1
+        return keys
+
+    def _ensure_cache(self):
+        lm = self.model.language_model
+        if self._cache is None or lm.model.layers[0].self_attn.kv_cache is not self._cache:
+            lm.setup_caches(1, self.context, dtype=lm.model.embed_tokens.weight.dtype)  # (not lm_head: may be int8)
+            self._cache, self._cached = lm.model.layers[0].self_attn.kv_cache, []
+
+    def _image_embeds(self, uids):
+        """Visual tokens (N, image_tokens, C) of these images, encoding only those not seen before."""
+        new = [u for u in dict.fromkeys(uids) if u not in self._embeds]
+        if new:
+            size = self.model.config.vision_config.image_size
+            px = torch.stack([preprocess_image(self._images[u][1], size) for u in new]).to(self.device)
+            out = self.model.encode_images(px.to(self.model.vision_model.embeddings.patch_embed.weight.dtype))
+            self._embeds.update(zip(new, out))
+        return torch.stack([self._embeds[u] for u in uids]) if uids else None
+
+    @torch.inference_mode()
+    def _run(self, prompt, uids, on_text=None):
+        ids = self.tokenizer.encode_prompt(prompt)
+        n_slots = sum(1 for i in ids if i < 0)
+        if n_slots != len(uids) * self.tokenizer.image_tokens:
+            raise ChatError(f"the prompt has {n_slots // self.tokenizer.image_tokens} image slot(s) "
+                            f"but {len(uids)} image(s)")
+        if len(ids) >= self.context:
+            raise ContextFull(f"the conversation needs {len(ids)} tokens but the context window holds "
+                              f"{self.context}: /reset starts a new one")
+        keys = self._keys(ids, uids)
+        self._ensure_cache()
+        p = 0  # the longest prefix already in the cache, leaving at least one token to run
+        while p < min(len(self._cached), len(keys) - 1) and self._cached[p] == keys[p]:
+            p += 1
+        if not isinstance(keys[p], int):  # never start inside an image
+            p -= keys[p][2]
+        images_before = sum(1 for k in keys[:p] if not isinstance(k, int) and k[2] == 0)
+        max_new = min(self.max_new_tokens, self.context - len(ids))
+        self._cached = self._cached[:p]
+        decoder, gen, times = StreamDecoder(self.tokenizer), [], []
+
+        def stream(token):  # token (1,)
+            gen.append(int(token[0]))
+            times.append(time.perf_counter())
+            new = decoder.push(gen[-1])
+            if new and on_text is not None:
+                on_text(new)
+            return decoder.stopped or self.stop_requested
+
+        t0 = time.perf_counter()
+        try:
+            embeds = self._image_embeds(uids[images_before:])
+            x = torch.tensor([ids[p:]], device=self.device)  # (1, T - p)
+            generate_tokens(self.model, x, embeds, max_new, p, None, self.temperature, self.top_k, self.top_p,
+                            self.generator, self.tokenizer.eos_id, stream)
+        finally:  # also on KeyboardInterrupt: keep only the positions that were fully computed
+            if gen:
+                self._cached = keys + gen[:-1]  # the last sampled token was never run through the model
+            interrupted, self.stop_requested = self.stop_requested, False
+        rest, text = decoder.finish()
+        if rest and on_text is not None:
+            on_text(rest)
+        ids_out = gen[:-1] if gen and gen[-1] == self.tokenizer.eos_id else gen
+        if interrupted:
+            why = "interrupt"
+        elif decoder.stopped:
+            why = "turn"
+        elif gen and gen[-1] == self.tokenizer.eos_id:
+            why = "eos"
+        else:
+            why = "context" if max_new < self.max_new_tokens else "length"
+        stats = {"prefill_tokens": len(ids) - p, "reused_tokens": p, "decode_tokens": max(len(gen) - 1, 0),
+                 "first_token_s": times[0] - t0 if times else 0.0,
+                 "decode_s": times[-1] - times[0] if times else 0.0,
+                 "context_used": len(keys) + len(gen), "context": self.context}
+        return Answer(text, ids_out, why, stats)
+
+
+def format_stats(s):
+    """The --stats line: time to first token, prefill and decode speed, context use."""
+    prefill = s["prefill_tokens"] / s["first_token_s"] if s["first_token_s"] > 0 else float("inf")
+    decode = s["decode_tokens"] / s["decode_s"] if s["decode_s"] > 0 else float("inf")
+    return (f"[stats] first token {s['first_token_s']:.3f} s | prefill {s['prefill_tokens']} tokens "
+            f"({s['reused_tokens']} reused from the cache) at {prefill:.0f} tok/s | decode {s['decode_tokens']} "
+            f"tokens at {decode:.0f} tok/s | context {s['context_used']}/{s['context']}")
