@@ -1,0 +1,359 @@
+"""Training data: the formats users have -> the official template -> token ids and loss labels.
+
+Paper, "Joint Instruction Tuning": every record becomes "a snippet of conversation following Vicuna"
+and "we compute the loss on the response". Formats, detected per record:
+
+  caption   JSONL {"image": "a.jpg", "caption": "..."}                          (stage 1)
+  official  mPLUG-Owl SFT JSONL {"image": [...], "text": "<SYSTEM>Human: <image>\\nHuman: q\\nAI: a"}
+  llava     LLaVA-Instruct JSON [{"image": ..., "conversations": [{"from": "human", "value": "<image>\\nq"},
+                                  {"from": "gpt", "value": "a"}, ...]}]
+  sharegpt  ShareGPT / Vicuna JSON: "conversations" of human|gpt without an image
+  alpaca    Alpaca JSON {"instruction", "input", "output"}
+  baize     Baize JSON {"input": "...[|Human|] q\\n[|AI|] a\\n[|Human|] ..."}
+
+Image paths are relative to the data file's folder unless absolute or an image_root is given.
+
+Tokenisation and labels follow the official `_extract_text_token_from_conversation`
+(pipeline/data_utils/xgpt3_dataset.py): BOS, then the text split around `<image>`, "AI: " and
+"\\nHuman: "; every chunk is sentencepiece-encoded on its own; the chunk after each "AI: " (the answer)
+gets EOS appended, and the answer tokens and that EOS are the only ones with a loss. (At inference
+owl.Tokenizer.encode_prompt splits only around <image>, as the official inference code does: the two
+tokenisations of the same text differ slightly, in the official code too.)
+Truncation to max_length: text is cut, an answer is cut and keeps its EOS; an image's 65 slots are
+never cut: an image that does not fit is dropped with everything after it (as official). An example
+left with no answer token is skipped and counted as too long. A newline after the last answer
+(owl.build_prompt writes one) is dropped, so it never carries a loss.
+Stage-1 captions: the official pretraining code was never released. We use the plainest choice,
+BOS <image> caption EOS, with the loss on the caption and its EOS (no template, no prompt).
+"""
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from .image import load_image, preprocess_image, ImageError
+from .model import IGNORE
+from .tokenizer import IMAGE, build_prompt
+
+SPLIT = re.compile(f"({re.escape(IMAGE)}|AI: |\nHuman: )")
+DELIMS = (IMAGE, "AI: ", "\nHuman: ")
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class Example:
+    ids: list  # BOS, text ids, -1 at image slots
+    labels: list  # = ids on answer tokens (and their EOS), IGNORE elsewhere
+    images: list  # image paths, in slot order
+    fmt: str
+    where: str  # "file:line" (JSONL) or "file[i]" (JSON), for messages
+
+
+@dataclass
+class Stats:
+    formats: Counter = field(default_factory=Counter)
+    text_only: int = 0
+    multimodal: int = 0
+    missing: list = field(default_factory=list)  # image paths that do not exist / cannot be read
+    bad_examples: int = 0  # skipped for a missing or unreadable image
+    mismatch: list = field(default_factory=list)  # "where: 2 <image> but 1 image"
+    too_long: int = 0  # longer than max_length (truncated)
+    dropped_long: int = 0  # skipped: no answer token left after truncation
+    empty: list = field(default_factory=list)  # no usable turn
+
+    def report(self):
+        n = sum(self.formats.values())
+        lines = [f"examples: {n} ({', '.join(f'{k} {v}' for k, v in sorted(self.formats.items()))})",
+                 f"  multimodal {self.multimodal}, text-only {self.text_only}",
+                 f"  missing/unreadable images: {len(self.missing)} in {self.bad_examples} example(s)"
+                 + (f" (first: {', '.join(self.missing[:3])})" if self.missing else ""),
+                 f"  <image> count != image count: {len(self.mismatch)}"
+                 + (f" (first: {'; '.join(self.mismatch[:3])})" if self.mismatch else ""),
+                 f"  longer than max_length: {self.too_long} (truncated; {self.dropped_long} skipped, "
+                 f"no answer left)",
+                 f"  no usable turn: {len(self.empty)}" + (f" (first: {', '.join(self.empty[:3])})" if self.empty else "")]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- reading files
+
+def read_records(file):
+    """[(where, record)] from a JSON array file or a JSONL file; a malformed line stops here."""
+    if not os.path.isfile(file):
+        raise DataError(f"{file}: no such data file")
+    with open(file, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):  # a JSON array (LLaVA, Alpaca, ShareGPT, Baize)
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{file}:{e.lineno}: malformed JSON ({e.msg})") from None
+        out = [(f"{file}[{i}]", r) for i, r in enumerate(records)]
+    else:  # JSONL: one record a line
+        out = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    out.append((f"{file}:{n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{file}:{n}: malformed JSON line ({e.msg})") from None
+    for where, r in out:
+        if not isinstance(r, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(r).__name__}")
+    return out
+
+
+# ----------------------------------------------------------------------------- formats -> template
+
+def detect(rec):
+    if "caption" in rec and "image" in rec:
+        return "caption"
+    if isinstance(rec.get("text"), str) and "AI: " in rec["text"]:
+        return "official"
+    if isinstance(rec.get("conversations"), list):
+        return "llava" if rec.get("image") else "sharegpt"
+    if "instruction" in rec and "output" in rec:
+        return "alpaca"
+    if isinstance(rec.get("input"), str) and "[|Human|]" in rec["input"]:
+        return "baize"
+    return None
+
+
+def pair_turns(messages):
+    """[(is_human, text)] -> [(question, answer)]: consecutive same-role messages are joined,
+    a leading AI message and a trailing human one are dropped."""
+    merged = []
+    for human, text in messages:
+        if merged and merged[-1][0] == human:
+            merged[-1] = (human, merged[-1][1] + "\n" + text)
+        else:
+            merged.append((human, text))
+    while merged and not merged[0][0]:
+        merged.pop(0)
+    return [(merged[i][1], merged[i + 1][1]) for i in range(0, len(merged) - 1, 2)]
+
+
+def conversation_text(pairs):
+    """[(question, answer)] -> the official template, <image> lines moved before their turn."""
+    turns = []
+    for q, a in pairs:
+        n = q.count(IMAGE)
+        q = q.replace(IMAGE, "").strip()
+        turns.append((n, q, a.strip()))
+    return build_prompt(turns)
+
+
+def to_template(fmt, rec):
+    """A record -> (text in the official template (or the caption), [image paths as written])."""
+    images = rec.get("image") or []
+    images = [images] if isinstance(images, str) else list(images)
+    if fmt == "caption":
+        return str(rec["caption"]).strip(), images
+    if fmt == "official":
+        return rec["text"], images
+    if fmt in ("llava", "sharegpt"):
+        msgs = [(m.get("from") in ("human", "user"), str(m.get("value", ""))) for m in rec["conversations"]
+                if m.get("from") in ("human", "user", "gpt", "assistant", "chatgpt", "bard")]
+        pairs = pair_turns(msgs)
+        if fmt == "llava" and pairs and not any(IMAGE in q for q, _ in pairs):
+            pairs[0] = (IMAGE * len(images) + pairs[0][0], pairs[0][1])  # an image without a tag: first turn
+        return (conversation_text(pairs) if pairs else ""), images
+    if fmt == "alpaca":
+        q = rec["instruction"].strip() + ("\n" + rec["input"].strip() if rec.get("input", "").strip() else "")
+        return conversation_text([(q, str(rec["output"]))]), []
+    if fmt == "baize":
+        parts = re.split(r"(\[\|Human\|\]|\[\|AI\|\])", rec["input"])
+        msgs = [(parts[i] == "[|Human|]", parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2)]
+        pairs = pair_turns([m for m in msgs if m[1]])
+        return (conversation_text(pairs) if pairs else ""), []
+    raise AssertionError(fmt)
+
+
+# ----------------------------------------------------------------------------- text -> ids, labels
+
+def tokenize_conversation(tok, text, max_length):
+    """Official-template text -> (ids, labels, images kept, truncated); see the module docstring."""
+    ids, labels, n_images, truncated = [tok.bos_id], [IGNORE], 0, False
+    prev, chunks = None, [c for c in SPLIT.split(text.rstrip("\n")) if c]
+    for i, chunk in enumerate(chunks):
+        room = max_length - len(ids)
+        if chunk == IMAGE:
+            if tok.image_tokens > room:  # never cut an image's slots: drop it and what follows
+                truncated = True
+                break
+            piece, lab = [-1] * tok.image_tokens, [IGNORE] * tok.image_tokens
+            n_images += 1
+        elif prev == "AI: " and chunk not in DELIMS:  # an answer: its tokens and EOS carry the loss
+            body = tok.sp.encode(chunk)
+            if len(body) + 1 > room:
+                body, truncated = body[:max(room - 1, 0)], True
+            piece = lab = body + [tok.eos_id]
+        else:  # system line, human turns, the "AI: " and "\nHuman: " markers: no loss
+            piece = tok.sp.encode(chunk)
+            if len(piece) > room:
+                piece, truncated = piece[:room], True
+            lab = [IGNORE] * len(piece)
+        ids, labels, prev = ids + piece, labels + lab, chunk
+        if len(ids) >= max_length:
+            truncated = truncated or i < len(chunks) - 1
+            break
+    return ids, labels, n_images, truncated
+
+
+def tokenize_caption(tok, caption, max_length):
+    """BOS <image> caption EOS; the loss on the caption and EOS (our choice, see the docstring)."""
+    room = max_length - 1 - tok.image_tokens - 1
+    if room < 1:
+        raise DataError(f"--max-length {max_length} leaves no room for a caption after the image slots")
+    body = tok.sp.encode(caption)
+    truncated = len(body) > room
+    body = body[:room] + [tok.eos_id]
+    ids = [tok.bos_id] + [-1] * tok.image_tokens + body
+    return ids, [IGNORE] * (1 + tok.image_tokens) + body, 1, truncated
+
+
+# ----------------------------------------------------------------------------- files -> examples
+
+def resolve(path, data_file, image_root):
+    if os.path.isabs(path):
+        return path
+    return os.path.join(image_root or os.path.dirname(os.path.abspath(data_file)), path)
+
+
+def load_examples(files, tok, max_length, image_root=None, check_images=False):
+    """All examples of the data files, tokenised, and the Stats. Examples whose image is missing
+    (or unreadable, with check_images, which opens every image) or whose <image> count differs from
+    their image count are skipped and counted; a record of no known format stops here."""
+    examples, st = [], Stats()
+    for file in files:
+        for where, rec in read_records(file):
+            fmt = detect(rec)
+            if fmt is None:
+                raise DataError(f"{where}: unknown record format (keys: {', '.join(sorted(rec)) or 'none'}); "
+                                f"expected caption, official (text), llava/sharegpt (conversations), "
+                                f"alpaca (instruction/output) or baize (input with [|Human|])")
+            st.formats[fmt] += 1
+            text, images = to_template(fmt, rec)
+            images = [resolve(p, file, image_root) for p in images]
+            n_tags = 1 if fmt == "caption" else text.count(IMAGE)
+            if not text or (fmt != "caption" and "AI: " not in text):
+                st.empty.append(where)
+                continue
+            if n_tags != len(images):
+                st.mismatch.append(f"{where}: {n_tags} <image> but {len(images)} image(s)")
+                continue
+            st.multimodal += bool(images)
+            st.text_only += not images
+            bad = [p for p in images if not os.path.isfile(p)]
+            if check_images and not bad:
+                bad = [p for p in images if not readable(p)]
+            if bad:
+                st.missing += bad
+                st.bad_examples += 1
+                continue
+            if fmt == "caption":
+                ids, labels, n_img, truncated = tokenize_caption(tok, text, max_length)
+            else:
+                ids, labels, n_img, truncated = tokenize_conversation(tok, text, max_length)
+            st.too_long += truncated
+            if not any(l != IGNORE for l in labels):
+                st.dropped_long += 1
+                continue
+            examples.append(Example(ids, labels, images[:n_img], fmt, where))
+    return examples, st
+
+
+def readable(path):
+    try:
+        load_image(path)
+        return True
+    except ImageError:
+        return False
+
+
+# ----------------------------------------------------------------------------- order, dataset, batches
+
+def split_examples(examples, a):
+    """(train, held-out): a fixed shuffle (seed) puts eval_examples aside for the eval loss."""
+    n_eval = a.eval_examples if a.eval_examples is not None else min(200, len(examples) // 50)
+    n_eval = n_eval if a.eval_every else 0
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(a.seed + 1)).tolist()
+    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """This rank's micro-batches, step by step from start_step: optimizer step s takes the global
+    positions [s*G, (s+1)*G), G = world * grad_accum * batch_size, of an endless stream that
+    reshuffles each epoch (seed + epoch). Micro-batch m of rank r is positions (m*world + r)*B ...
+    The data position is thus the step alone, and batch 2 == accumulation 2 == 2 processes."""
+
+    def __init__(self, n, a, rank, world, start_step):
+        self.n, self.a, self.rank, self.world, self.start = n, a, rank, world, start_step
+        self.perms = {}
+
+    def index(self, pos):
+        e = pos // self.n
+        if e not in self.perms:
+            self.perms = {e: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.a.seed + e)).tolist()}
+        return self.perms[e][pos % self.n]
+
+    def __len__(self):
+        return (self.a.max_steps - self.start) * self.a.grad_accum
+
+    def __iter__(self):
+        B, A, W = self.a.batch_size, self.a.grad_accum, self.world
+        for s in range(self.start, self.a.max_steps):
+            for m in range(A):
+                first = s * W * A * B + (m * W + self.rank) * B
+                yield [self.index(first + j) for j in range(B)]
+
+
+
+class OwlDataset(torch.utils.data.Dataset):
+    """Examples -> dicts of tensors; images are read here (so a DataLoader's workers do it). An image
+    that fails to load makes the item None: collate drops it and counts it."""
+
+    def __init__(self, examples, image_size):
+        self.examples, self.image_size = examples, image_size
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        ex = self.examples[i]
+        try:
+            px = [preprocess_image(load_image(p), self.image_size) for p in ex.images]
+        except ImageError as e:
+            return {"bad": str(e)}
+        return {"ids": torch.tensor(ex.ids), "labels": torch.tensor(ex.labels),
+                "pixel_values": torch.stack(px) if px else None}
+
+
+def collate(items, pad_id=0):
+    """Right-padded (B, T) ids and labels, all images of the batch in order (N, 3, H, W), and the
+    messages of items dropped for a bad image. Right padding needs no attention mask (causal)."""
+    bad = [it["bad"] for it in items if "bad" in it]
+    items = [it for it in items if "bad" not in it]
+    T = max((len(it["ids"]) for it in items), default=1)
+    ids = torch.full((len(items), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), T), IGNORE, dtype=torch.long)
+    for b, it in enumerate(items):
+        ids[b, :len(it["ids"])], labels[b, :len(it["labels"])] = it["ids"], it["labels"]
+    px = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
+    return {"input_ids": ids, "labels": labels, "pixel_values": torch.cat(px) if px else None, "bad": bad}
+
+
+def check_data(files, tok, max_length, image_root=None):
+    """--check-data: read and tokenise everything, open every image, and print the Stats."""
+    examples, st = load_examples(files, tok, max_length, image_root, check_images=True)
+    print(st.report())
+    n_tok = sum(len(e.ids) for e in examples)
+    print(f"  usable: {len(examples)} examples, {n_tok} tokens (image slots included), "
+          f"{sum(sum(l != IGNORE for l in e.labels) for e in examples)} target tokens")
+    return st

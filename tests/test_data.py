@@ -1,0 +1,176 @@
+"""owl/data.py: every format -> the official template; ids and loss labels against hand-built
+expectations (official xgpt3 tokenisation); truncation; bad input; the step-wise data order."""
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+import owl
+from owl.data import (DataError, StepBatches, collate, detect, load_examples, OwlDataset, read_records,
+                      to_template, tokenize_caption, tokenize_conversation)
+from owl.model import IGNORE, lm_loss_sum
+
+S = owl.SYSTEM
+X = IGNORE
+
+
+@pytest.fixture(scope="module")
+def tok(ref):
+    return owl.load_tokenizer(os.path.join(ref, "mplug_owl"), 65)
+
+
+def E(tok, s):
+    return tok.sp.encode(s)
+
+
+# ----------------------------------------------------------------------------- formats -> template
+
+FORMATS = [
+    ("caption", {"image": "a.png", "caption": " a red cube "}, "a red cube", ["a.png"]),
+    ("official", {"image": ["a.png"], "text": S + "Human: <image>\nHuman: q\nAI: a"},
+     S + "Human: <image>\nHuman: q\nAI: a", ["a.png"]),
+    ("llava", {"image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cube."},
+        {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Red."}]},
+     S + "Human: <image>\nHuman: What is it?\nAI: A cube.\nHuman: Colour?\nAI: Red.\n", ["a.png"]),
+    ("llava", {"image": "a.png", "conversations": [  # the tag after the question, and no tag at all
+        {"from": "human", "value": "What is it?\n<image>"}, {"from": "gpt", "value": "A cube."}]},
+     S + "Human: <image>\nHuman: What is it?\nAI: A cube.\n", ["a.png"]),
+    ("sharegpt", {"conversations": [
+        {"from": "gpt", "value": "(leading bot turn, dropped)"}, {"from": "human", "value": "Hi"},
+        {"from": "gpt", "value": "Hello!"}, {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Bye."},
+        {"from": "human", "value": "(trailing, unanswered)"}]},
+     S + "Human: Hi\nAI: Hello!\nHuman: Bye\nAI: Bye.\n", []),
+    ("alpaca", {"instruction": "Add.", "input": "1 and 2", "output": "3"}, S + "Human: Add.\n1 and 2\nAI: 3\n", []),
+    ("alpaca", {"instruction": "Say hi.", "input": "", "output": "hi"}, S + "Human: Say hi.\nAI: hi\n", []),
+    ("baize", {"topic": "x", "input": "The conversation between human and AI assistant.\n[|Human|] Hi there\n"
+                                      "[|AI|] Hello.\n[|Human|] How?\n[|AI|] Well.\n[|Human|] "},
+     S + "Human: Hi there\nAI: Hello.\nHuman: How?\nAI: Well.\n", []),
+]
+
+
+@pytest.mark.parametrize("fmt,rec,text,images", FORMATS)
+def test_each_format_becomes_the_official_template(fmt, rec, text, images):
+    assert detect(rec) == fmt
+    assert to_template(fmt, rec) == (text, images)
+
+
+def test_unknown_record_and_malformed_line_name_the_place(tmp_path, tok):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"caption": "x", "image": "a.png"}\n\n{"caption": "y", "image": \n')
+    with pytest.raises(DataError, match=r"d\.jsonl:3: malformed JSON"):
+        read_records(str(f))
+    g = tmp_path / "e.json"
+    g.write_text('[{"foo": 1}]')
+    with pytest.raises(DataError, match=r"e\.json\[0\]: unknown record format \(keys: foo\)"):
+        load_examples([str(g)], tok, 512)
+    h = tmp_path / "f.json"
+    h.write_text('[{"instruction": "a", "output": "b"},\n {"instruction": }]')
+    with pytest.raises(DataError, match=r"f\.json:2: malformed JSON"):
+        read_records(str(h))
+
+
+# ----------------------------------------------------------------------------- ids and labels
+
+def test_multimodal_two_turn_ids_and_labels_match_the_official_chunking(tok):
+    text = S + "Human: <image>\nHuman: What is it?\nAI: A red cube.\nHuman: Why?\nAI: Because.\n"
+    ids, labels, n_img, cut = tokenize_conversation(tok, text, 2048)
+    sys_line = S.rstrip("\n")  # the official split takes "\nHuman: " as a chunk of its own
+    want = [  # (ids, carries loss)
+        ([tok.bos_id], 0), (E(tok, sys_line), 0), (E(tok, "\nHuman: "), 0), ([-1] * 65, 0),
+        (E(tok, "\nHuman: "), 0), (E(tok, "What is it?\n"), 0), (E(tok, "AI: "), 0),
+        (E(tok, "A red cube.") + [tok.eos_id], 1),
+        (E(tok, "\nHuman: "), 0), (E(tok, "Why?\n"), 0), (E(tok, "AI: "), 0),
+        (E(tok, "Because.") + [tok.eos_id], 1)]
+    assert ids == [i for p, _ in want for i in p]
+    assert labels == [i if loss else X for p, loss in want for i in p]
+    assert (n_img, cut) == (1, False)
+    # what lm_loss_sum scores: exactly the two answers and their EOS
+    logits = torch.zeros(1, len(ids), tok.vocab_size)
+    _, n = lm_loss_sum(logits, torch.tensor([labels]))
+    assert n == len(E(tok, "A red cube.")) + len(E(tok, "Because.")) + 2
+    scored = [l for l in labels if l != X]
+    k = scored.index(tok.eos_id)
+    assert tok.decode(scored[:k]) == "A red cube." and tok.decode(scored[k + 1:]) == "Because."
+    assert scored.count(tok.eos_id) == 2 and scored[-1] == tok.eos_id
+
+
+def test_text_only_and_caption_labels(tok):
+    ids, labels, n_img, _ = tokenize_conversation(tok, S + "Human: Add.\nAI: 3\n", 2048)
+    head = [tok.bos_id] + E(tok, S.rstrip("\n")) + E(tok, "\nHuman: ") + E(tok, "Add.\n") + E(tok, "AI: ")
+    assert ids == head + E(tok, "3") + [tok.eos_id] and n_img == 0
+    assert labels == [X] * len(head) + E(tok, "3") + [tok.eos_id]
+    ids, labels, n_img, _ = tokenize_caption(tok, "a red cube", 2048)
+    assert ids == [tok.bos_id] + [-1] * 65 + E(tok, "a red cube") + [tok.eos_id]
+    assert labels == [X] * 66 + E(tok, "a red cube") + [tok.eos_id] and n_img == 1
+
+
+def test_truncation_never_cuts_an_image_and_keeps_the_answer_eos(tok):
+    text = S + "Human: <image>\nHuman: <image>\nHuman: Compare.\nAI: The first is larger than the second.\n"
+    full, _, n_img, _ = tokenize_conversation(tok, text, 2048)
+    assert n_img == 2
+    first_img_end = full.index(-1) + 65
+    for L in range(first_img_end, first_img_end + 70):  # anywhere inside / around the second image
+        ids, labels, n, cut = tokenize_conversation(tok, text, L)
+        assert len(ids) <= L and cut and ids.count(-1) == 65 * n
+        if n == 1:  # the second image did not fit: dropped whole, nothing after it
+            assert ids.count(-1) == 65 and all(l == X for l in labels)
+    # cut inside the answer: the answer is shortened and still ends with EOS, which carries the loss
+    L = len(full) - 3
+    ids, labels, n, cut = tokenize_conversation(tok, text, L)
+    assert len(ids) == L and ids[-1] == tok.eos_id == labels[-1] and cut and n == 2
+    assert ids[:-1] == full[:L - 1]
+
+
+def test_load_examples_counts_missing_images_mismatches_and_too_long(tmp_path, tok):
+    Image.new("RGB", (30, 20), "red").save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    recs = [{"image": "ok.png", "caption": "fine"}, {"image": "gone.png", "caption": "missing"},
+            {"image": "broken.png", "caption": "corrupt"},
+            {"image": ["ok.png"], "text": S + "Human: <image>\nHuman: <image>\nHuman: q\nAI: a"},
+            {"instruction": "long " * 300, "output": "x"}, {"instruction": "short", "output": "y"}]
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in recs))
+    ex, st = load_examples([str(f)], tok, 200, check_images=True)
+    assert [e.fmt for e in ex] == ["caption", "alpaca"]
+    assert ex[0].images == [str(tmp_path / "ok.png")]  # relative to the data file
+    assert len(st.missing) == 2 and st.bad_examples == 2 and len(st.mismatch) == 1
+    assert st.too_long == 1 and st.dropped_long == 1
+    assert st.formats == {"caption": 3, "official": 1, "alpaca": 2}
+    ex2, _ = load_examples([str(f)], tok, 200, image_root=str(tmp_path / "elsewhere"))
+    assert [e.fmt for e in ex2] == ["alpaca"]  # --image-root: ok.png is not there
+
+
+def test_collate_pads_right_and_keeps_image_order(tmp_path, tok):
+    for i, c in enumerate(["red", "green", "blue"]):
+        Image.new("RGB", (20, 20), c).save(tmp_path / f"{i}.png")
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [
+        {"image": ["0.png", "1.png"], "text": S + "Human: <image>\nHuman: <image>\nHuman: q\nAI: a"},
+        {"image": "2.png", "caption": "blue"}, {"instruction": "hi", "output": "yo"}]))
+    ex, _ = load_examples([str(f)], tok, 512)
+    ds = OwlDataset(ex, 56)
+    b = collate([ds[0], ds[1], ds[2]])
+    assert b["input_ids"].shape[0] == 3 and b["pixel_values"].shape == (3, 3, 56, 56)
+    assert b["pixel_values"][:, 0].mean((1, 2)).argmax() == 0  # red first
+    assert b["pixel_values"][2, 2].mean() > b["pixel_values"][2, 0].mean()  # blue last
+    n0 = len(ex[0].ids)
+    assert b["input_ids"][0, :n0].tolist() == ex[0].ids
+    assert (b["labels"][1, len(ex[1].ids):] == X).all() and (b["input_ids"] == -1).sum() == 3 * 65
+
+
+def test_step_batches_partition_the_same_examples_per_step():
+    """Optimizer step s sees the same examples for batch 4, accumulation 2 x 2 and 2 ranks x 2."""
+    def step_sets(B, A, W, steps=5):
+        a = SimpleNamespace(batch_size=B, grad_accum=A, seed=3, max_steps=steps)
+        per_rank = [list(StepBatches(7, a, r, W, 0)) for r in range(W)]
+        return [sorted(sum((per_rank[r][s * A + m] for r in range(W) for m in range(A)), []))
+                for s in range(steps)]
+    ref = step_sets(4, 1, 1)
+    assert step_sets(2, 2, 1) == ref == step_sets(2, 1, 2) == step_sets(1, 2, 2)
+    assert len({i for s in ref[:2] for i in s}) == 7  # epoch 1 covers all 7 before repeating
+    a = SimpleNamespace(batch_size=2, grad_accum=1, seed=3, max_steps=5)
+    assert list(StepBatches(7, a, 0, 1, 2)) == list(StepBatches(7, a, 0, 1, 0))[2:]  # resume = the step
