@@ -123,27 +123,16 @@ def load(args):
             from owl.quant import quantize_int8
         except ImportError as e:
             raise UsageError(f"--int8: owl.quant is not available in this checkout ({e})") from None
-    steps = ["config", "weights + tokenizer"] + ["adapter"] * bool(args.adapter) + ["int8"] * args.int8
-    with tqdm(total=len(steps), desc="loading", unit="step", file=sys.stderr, leave=False) as bar:
-        bar.set_postfix_str(steps[0])
-        owl.checkpoint.load_config(args.checkpoint)
-        bar.update()
-        bar.set_postfix_str(steps[1])
-        model, tok = owl.load_model(args.checkpoint, device=device, dtype=dtype)
-        bar.update()
-        if args.adapter:
-            bar.set_postfix_str("adapter")
-            try:
-                owl.apply_adapter(model, args.adapter)
-            except (KeyError, ValueError, OSError) as e:
-                if isinstance(e, owl.CheckpointError):
-                    raise
-                raise owl.CheckpointError(f"{args.adapter}: cannot apply the adapter ({e!r})") from None
-            bar.update()
-        if quantize_int8 is not None:
-            bar.set_postfix_str("int8")
-            quantize_int8(model)
-            bar.update()
+    model, tok = owl.load_model(args.checkpoint, device=device, dtype=dtype, progress=True)  # a bar on stderr
+    if args.adapter:
+        try:
+            owl.apply_adapter(model, args.adapter)
+        except (KeyError, ValueError, OSError) as e:
+            if isinstance(e, owl.CheckpointError):
+                raise
+            raise owl.CheckpointError(f"{args.adapter}: cannot apply the adapter ({e!r})") from None
+    if quantize_int8 is not None:
+        quantize_int8(model)
     print(f"loaded {args.checkpoint} on {device} ({str(dtype).replace('torch.', '')})", file=sys.stderr)
     return model.eval(), tok
 

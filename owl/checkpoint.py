@@ -14,11 +14,13 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections import Counter
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from .config import OwlConfig, VisionConfig, LlamaConfig, from_dict
 from .model import MplugOwl
@@ -54,21 +56,26 @@ def weight_files(path):
     raise CheckpointError(f"{path}: no weights (*.safetensors) in this directory")
 
 
-def read_weights(path, keep=lambda k: True, dtype=None, device="cpu"):
+def read_weights(path, keep=lambda k: True, dtype=None, device="cpu", progress=False):
     """{name: tensor} for the kept names, converted tensor by tensor (floating ones only) so that
-    at most one extra tensor is alive at any time."""
+    at most one extra tensor is alive at any time. progress: a tqdm bar (bytes read) on stderr."""
     out = {}
-    for file in weight_files(path):
+    files = weight_files(path)
+    bar = tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True, desc="loading weights",
+               file=sys.stderr, disable=not progress, leave=False)
+    for file in files:
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for k in f.keys():
                     if keep(k):
                         t = f.get_tensor(k)
+                        bar.update(t.nbytes)
                         if dtype is not None and t.is_floating_point():
                             t = t.to(dtype)
                         out[k] = t.to(device)
         except Exception as e:  # a truncated or corrupt file
             raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
+    bar.close()
     return out
 
 
@@ -215,15 +222,16 @@ def load_config(path):
         raise CheckpointError(f"{path}/config.json: {e}") from None
 
 
-def load_model(path, device="cpu", dtype=torch.float32):
+def load_model(path, device="cpu", dtype=torch.float32, progress=False):
     """(model, tokenizer) from a directory in the official mPLUG-Owl layout (or written by train.py).
-    dtype=None keeps the checkpoint's dtype."""
+    dtype=None keeps the checkpoint's dtype; progress shows a bar on stderr."""
     cfg = load_config(path)
     tok_file = _tokenizer_file(path)
     weight_files(path)  # fail early, before reading anything, if there are none
     with torch.device("meta"):
         model = MplugOwl(cfg)
-    sd = map_official(read_weights(path, keep=lambda k: not IGNORED.match(k), dtype=dtype, device=device))
+    sd = map_official(read_weights(path, keep=lambda k: not IGNORED.match(k), dtype=dtype, device=device,
+                                   progress=progress))
     load_checked(model, sd, path)
     return model.eval(), Tokenizer(tok_file, cfg.image_tokens)
 
