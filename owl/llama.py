@@ -135,7 +135,7 @@ class Llama(nn.Module):
 
     def setup_caches(self, batch_size, max_seq_len, dtype=None, device=None):
         """Allocate a KV cache of max_seq_len positions in every layer (call before generating)."""
-        w = self.lm_head.weight
+        w = self.model.embed_tokens.weight  # never quantized (owl/quant.py may make lm_head.weight int8)
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(batch_size, self.config.num_key_value_heads, max_seq_len,
                                                self.config.head_dim, dtype or w.dtype, device or w.device)
