@@ -5,8 +5,12 @@ public entry point that takes prompts in the official template and PIL images.
 
 Stopping follows the official model (HF generate): a row ends at EOS, which is returned with it.
 Several prompts generate as one batch with left padding; each row keeps its own positions, so
-greedy results equal the unbatched ones.
+greedy results equal the unbatched ones. Speed (bench/run.py): prefill and generation run under
+torch.inference_mode, the loop copies each step's ids to the host once, and generate(compile=True)
+runs the decode step through torch.compile.
 """
+import functools
+
 import torch
 
 from .image import preprocess_image
@@ -29,6 +33,7 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):  # logi
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
+@torch.inference_mode()
 def prefill(model, input_ids, image_embeds=None, start_pos=0, pad_mask=None, position_ids=None):
     """Run the prompt (B, T) through the model, filling the KV cache; next-token logits (B, vocab)."""
     x = model.embed(input_ids, image_embeds)  # (B, T, C)
@@ -41,31 +46,46 @@ def decode_one_token(model, token, pos, pad_mask=None, position_ids=None):  # to
                                 position_ids=position_ids)[:, -1]  # (B, vocab)
 
 
+@torch.inference_mode()
 def generate_tokens(model, input_ids, image_embeds=None, max_new_tokens=64, start_pos=0, pad_mask=None,
-                    temperature=0.0, top_k=0, top_p=1.0, generator=None, eos_id=2, stream=None):
+                    temperature=0.0, top_k=0, top_p=1.0, generator=None, eos_id=2, stream=None,
+                    decode=decode_one_token):
     """Generate after input_ids (B, T) with the caches already set up (positions < start_pos cached).
     stream(ids) is called with the (B,) new ids at each step; returning True stops early.
-    Returns the new ids of each row, up to and including its EOS."""
+    Returns the new ids of each row, up to and including its EOS. `decode` may be
+    compiled_decode_one_token() (GPU)."""
     B, T = input_ids.shape
     position_ids = None
     if pad_mask is not None:  # left padding: each row counts positions from its first real token
         pad_mask = torch.cat([pad_mask, pad_mask.new_ones(B, max_new_tokens)], dim=1)  # (B, T + new)
         position_ids = (pad_mask[:, :T].long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
     logits = prefill(model, input_ids, image_embeds, start_pos, pad_mask, position_ids)
-    out, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    out, done = [[] for _ in range(B)], [False] * B
     for step in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
-        for b in range(B):
+        for b, t in enumerate(token.tolist()):  # one device->host copy per step, not one per row
             if not done[b]:
-                out[b].append(int(token[b]))
-        done |= token == eos_id
-        if (stream is not None and stream(token)) or bool(done.all()) or step == max_new_tokens - 1:
+                out[b].append(t)
+                done[b] = t == eos_id
+        if (stream is not None and stream(token)) or all(done) or step == max_new_tokens - 1:
             break
         pos = start_pos + T + step
         if position_ids is not None:
             position_ids = position_ids[:, -1:] + 1  # (B, 1)
-        logits = decode_one_token(model, token, pos, pad_mask, position_ids)
+        logits = decode(model, token, pos, pad_mask, position_ids)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_decode_one_token():
+    """decode_one_token through torch.compile (for GPUs; the first steps compile for a minute).
+
+    The position `pos` grows by one each step and the KV cache is read up to it, so shapes are dynamic
+    (`dynamic=True` compiles once instead of once per position); that rules out CUDA graphs
+    ("reduce-overhead"), which need the static shapes of gpt-fast's full-length masked cache. What it
+    buys is fused elementwise work (RMSNorm, RoPE, SwiGLU; with int8, the dequantization): 1.15x eager
+    on a 2-core CPU (bench/RESULTS.md). A new cache length (another prompt length) recompiles."""
+    return torch.compile(decode_one_token, dynamic=True)
 
 
 def encode_batch(model, tokenizer, prompts, images):
@@ -93,12 +113,13 @@ def encode_batch(model, tokenizer, prompts, images):
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompt, images=(), max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
-             seed=None, stream=None):
+             seed=None, stream=None, compile=False):
     """New token ids for a prompt in the official template with one <image> per PIL image.
 
     `prompt` may be a list of prompts (then `images` are all their images in order, and a list of
     id lists is returned). temperature 0 is greedy; `seed` makes sampling repeatable; stream is called
-    with each new id (an int; a (B,) tensor for a list of prompts) and may return True to stop."""
+    with each new id (an int; a (B,) tensor for a list of prompts) and may return True to stop.
+    compile=True runs the decode step through torch.compile (worth it on a GPU, for long outputs)."""
     single = isinstance(prompt, str)
     prompts = [prompt] if single else list(prompt)
     ids, pad_mask, embeds = encode_batch(model, tokenizer, prompts, list(images))
@@ -110,10 +131,12 @@ def generate(model, tokenizer, prompt, images=(), max_new_tokens=128, temperatur
     if single and stream is not None:
         user_stream = stream
         stream = lambda t: user_stream(int(t[0]))  # one prompt: the callback gets plain ints
-    model.language_model.setup_caches(B, T + max_new_tokens)
+    llm = model.language_model
+    llm.setup_caches(B, T + max_new_tokens, dtype=llm.model.embed_tokens.weight.dtype)  # lm_head may be int8
+    decode = compiled_decode_one_token() if compile else decode_one_token
     try:
         out = generate_tokens(model, ids, embeds, max_new_tokens, 0, pad_mask, temperature, top_k, top_p,
-                              generator, tokenizer.eos_id, stream)
+                              generator, tokenizer.eos_id, stream, decode)
     finally:
-        model.language_model.reset_caches()
+        llm.reset_caches()
     return out[0] if single else out
