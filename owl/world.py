@@ -1,0 +1,354 @@
+"""A synthetic world for the CPU demo: images of coloured shapes (some with a short word written on
+them), their captions, visual questions and text-only instructions, all generated here (no downloads).
+
+It stands in for the paper's data (section "Data and Training Details"): captions for stage 1 (LAION,
+COYO, CC, COCO in the paper), multimodal instructions for stage 2 (LLaVA in the paper: here counting,
+colours, shapes, positions, existence, reading the scene text, multi-turn and two-image comparisons),
+text-only instructions for stage 2 (Alpaca/Vicuna/Baize in the paper: here questions about a scene
+described in words), and a text corpus on which demo.py pretrains the tiny LLaMA that stands in for
+the pretrained LLM. Files are written in the formats train.py reads:
+
+  captions.jsonl          {"image": "images/train_00000.png", "caption": "..."}        (stage 1)
+  instructions.jsonl      official mPLUG-Owl SFT JSONL {"image": [...], "text": "<template>"}  (stage 2)
+  text_instructions.json  Alpaca [{"instruction", "input", "output"}]                   (stage 2)
+  test.json               held-out questions on held-out images (demo.evaluate)
+  corpus.txt              one document per line (the LLM's pretraining text)
+  tokenizer.model         sentencepiece BPE trained on all of the above with LLaMA's settings
+
+A scene is a 2 x 2 grid of cells (a 56-px image is 2 x 2 ViT patches per cell); each cell holds at
+most one shape or one word, so every question has one short, unambiguous answer.
+"""
+import json
+import os
+import random
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageDraw, ImageFont
+
+from .tokenizer import build_prompt, SYSTEM
+
+COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230), "yellow": (235, 200, 20)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("small", "big")
+CELLS = ("top left", "top right", "bottom left", "bottom right")  # row-major: reading order
+WORDS = ("cat", "dog", "sun", "owl", "box", "car", "hat", "cup")
+NUMBERS = ("zero", "one", "two", "three", "four")
+QUESTION_TYPES = ("count", "colour", "shape", "position", "existence", "text", "compare", "multiturn")
+
+
+@dataclass
+class Item:  # one shape in a cell
+    shape: str
+    colour: str
+    size: str
+    cell: str
+
+
+@dataclass
+class Scene:
+    items: list = field(default_factory=list)  # shapes, in cell (reading) order
+    word: str = None  # the scene text, if any
+    word_cell: str = None
+
+    def unique(self, **kw):
+        """The one item matching all of kw (e.g. shape="circle"), or None if zero or several match."""
+        hits = [it for it in self.items if all(getattr(it, k) == v for k, v in kw.items())]
+        return hits[0] if len(hits) == 1 else None
+
+
+def random_scene(rng):
+    cells = rng.sample(CELLS, 4)
+    with_word = rng.random() < 0.4
+    n = rng.randint(1, 3)
+    items = [Item(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(SIZES), c) for c in cells[:n]]
+    items.sort(key=lambda it: CELLS.index(it.cell))
+    return Scene(items, rng.choice(WORDS) if with_word else None, cells[3] if with_word else None)
+
+
+# ----------------------------------------------------------------------------- images
+
+def font(size):
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType
+    except (TypeError, AttributeError, ImportError, OSError):
+        return ImageFont.load_default()  # the old fixed bitmap font
+
+
+def render(scene, size=56, rng=None):
+    """The scene as a size x size RGB image; rng jitters positions by a few pixels."""
+    img = Image.new("RGB", (size, size), (245, 245, 240))
+    draw = ImageDraw.Draw(img)
+    half = size // 2
+    jitter = lambda: rng.randint(-2, 2) if rng is not None else 0
+    for it in scene.items:
+        r = half * (0.40 if it.size == "big" else 0.22)  # radius in pixels
+        row, col = divmod(CELLS.index(it.cell), 2)
+        cx, cy = col * half + half / 2 + jitter(), row * half + half / 2 + jitter()
+        box = [cx - r, cy - r, cx + r, cy + r]
+        fill = COLOURS[it.colour]
+        if it.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif it.shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    if scene.word:
+        f = font(max(8, int(size * 0.27)))
+        row, col = divmod(CELLS.index(scene.word_cell), 2)
+        left, top, right, bottom = draw.textbbox((0, 0), scene.word, font=f)
+        x = col * half + (half - (right - left)) / 2 - left + jitter() / 2
+        y = row * half + (half - (bottom - top)) / 2 - top + jitter() / 2
+        draw.text((x, y), scene.word, fill=(0, 0, 0), font=f)
+    return img
+
+
+# ----------------------------------------------------------------------------- language
+
+def describe(it):
+    return f"a {it.size} {it.colour} {it.shape} at the {it.cell}"
+
+
+def caption(scene):
+    n = len(scene.items)
+    parts = [describe(it) for it in scene.items]
+    listed = parts[0] if n == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    s = f"There {'is' if n == 1 else 'are'} {NUMBERS[n]} shape{'s' * (n != 1)}: {listed}."
+    if scene.word:
+        s += f" The word {scene.word} is written at the {scene.word_cell}."
+    return s
+
+
+def question(scene, kind, rng):
+    """(question, answer) about one image, of the given kind, or None if the scene cannot give one."""
+    items = scene.items
+    if kind == "count":
+        q = rng.choice(["How many shapes are there?", "How many shapes can you see?", "Count the shapes."])
+        return q, NUMBERS[len(items)]
+    if kind == "colour":
+        it = rng.choice(items)
+        if rng.random() < 0.5 and scene.unique(shape=it.shape):
+            return f"What colour is the {it.shape}?", it.colour
+        return f"What colour is the shape at the {it.cell}?", it.colour
+    if kind == "shape":
+        it = rng.choice(items)
+        return rng.choice([f"What shape is at the {it.cell}?", f"Which shape is at the {it.cell}?"]), it.shape
+    if kind == "position":
+        it = rng.choice(items)
+        if scene.unique(shape=it.shape, colour=it.colour):
+            return f"Where is the {it.colour} {it.shape}?", it.cell
+        return None
+    if kind == "existence":
+        if rng.random() < 0.2:
+            return "Is there any text in the image?", "yes" if scene.word else "no"
+        shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+        if rng.random() < 0.5:  # half the time ask about something that is there
+            it = rng.choice(items)
+            shape, colour = it.shape, it.colour
+        present = any(it.shape == shape and it.colour == colour for it in items)
+        return f"Is there a {colour} {shape}?", "yes" if present else "no"
+    if kind == "text":
+        if not scene.word:
+            return None
+        return rng.choice(["What word is written in the image?", "What does the text say?"]), scene.word
+    raise ValueError(f"unknown question kind {kind!r}")
+
+
+SINGLE = ("count", "colour", "shape", "position", "existence", "text")
+
+
+def any_question(scene, rng, kinds=SINGLE):
+    while True:
+        kind = rng.choice(kinds)
+        qa = question(scene, kind, rng)
+        if qa:
+            return kind, qa
+
+
+def compare(a, b, rng):
+    """A question about two images: (question, answer) naming the first or the second."""
+    which = lambda first: "the first image" if first else "the second image"
+    if len(a.items) != len(b.items) and rng.random() < 0.5:
+        return "Which image has more shapes?", which(len(a.items) > len(b.items))
+    if bool(a.word) != bool(b.word):
+        return "Which image has a word written in it?", which(bool(a.word))
+    only_a = {(it.colour, it.shape) for it in a.items} - {(it.colour, it.shape) for it in b.items}
+    only_b = {(it.colour, it.shape) for it in b.items} - {(it.colour, it.shape) for it in a.items}
+    if only_a or only_b:
+        first = bool(only_a) and (not only_b or rng.random() < 0.5)
+        colour, shape = sorted(only_a if first else only_b)[0]
+        return f"Which image has a {colour} {shape}?", which(first)
+    return None
+
+
+def text_instruction(scene, rng):
+    """An Alpaca-style text-only instruction: a question about a scene described in words."""
+    kind, (q, a) = any_question(scene, rng)
+    return {"instruction": q, "input": f"The picture: {caption(scene)}", "output": a}
+
+
+def notes(scene):
+    """Terse scene notes, 3 words per cell in reading order ("big red circle", "none cat word",
+    "none none none"): one sentencepiece token each, 12 in all, always in the same places."""
+    out = []
+    for thing, what, size in cell_labels(scene):
+        out += [SIZES_OR_NOTHING[size], WHATS[what], THINGS[thing]]
+    return " ".join("none" if w == "nothing" else w for w in out)
+
+
+def notes_and_caption(scene):
+    """An LLM pretraining document: the notes, a full stop, then the caption they describe (13 + n
+    tokens: in stage 1, 12 query tokens + the end-of-image token take the place of the 13). This is what lets the
+    frozen LLM of stage 1 read the visual tokens: a real LLM has read text about text of every kind;
+    ours, trained for a minute, must be shown some text whose words come from what precedes it."""
+    return notes(scene) + ". " + caption(scene)
+
+
+def text_conversation(scene, rng):
+    """A multi-turn conversation about a scene described in words, its caption or its notes (LLM
+    pretraining text): the answers must be read from the description, which teaches the LLM to use
+    its context."""
+    turns = [any_question(scene, rng)[1] for _ in range(rng.randint(3, 6))]
+    if rng.random() < 0.7:  # copying the description is the first thing stage 1 will need
+        turns.insert(rng.randint(0, len(turns)), ("Describe the picture.", caption(scene)))
+    q0, a0 = turns[0]
+    seen = caption(scene) if rng.random() < 0.5 else notes(scene)
+    return build_prompt([(0, f"The picture: {seen}\n{q0}", a0)] + [(0, q, a) for q, a in turns[1:]])
+
+
+def alpaca_prompt(ex):  # how an Alpaca example reads in the official template (as train.py builds it)
+    q = ex["instruction"] + (f"\n{ex['input']}" if ex.get("input") else "")
+    return build_prompt([(0, q, ex["output"])])
+
+
+# ----------------------------------------------------------------------------- the files
+
+def write_world(out_dir, n_train=3000, n_test=120, n_text=1500, image_size=56, seed=0, questions_per_type=40,
+                vocab_size=512):
+    """Write the whole world under out_dir; returns {name: path}. Deterministic for a seed."""
+    rng = random.Random(seed)
+    img_dir = os.path.join(out_dir, "images")
+    os.makedirs(img_dir, exist_ok=True)
+
+    def make(split, n):
+        scenes = []
+        for i in range(n):
+            s = random_scene(rng)
+            name = f"images/{split}_{i:05d}.png"
+            render(s, image_size, rng).save(os.path.join(out_dir, name))
+            scenes.append((name, s))
+        return scenes
+
+    train, test = make("train", n_train), make("test", n_test)
+    captions = [{"image": name, "caption": caption(s)} for name, s in train]
+
+    # stage-2 multimodal instructions: a conversation of 1 to 5 questions per training image (as
+    # LLaVA's are multi-turn; every answer is a target, so a conversation teaches more per token than
+    # a single question), and two-image comparisons
+    sft = []
+    for name, s in train:
+        turns = [any_question(s, rng)[1] for _ in range(rng.randint(1, 5))]
+        sft.append({"image": [name], "text": build_prompt([(1 if i == 0 else 0, q, a) for i, (q, a) in enumerate(turns)]),
+                    "task_type": "multiturn" if len(turns) > 1 else "single"})
+    for _ in range(n_train // 4):
+        (na, a), (nb, b) = rng.sample(train, 2)
+        qa = compare(a, b, rng)
+        if qa:
+            sft.append({"image": [na, nb], "text": build_prompt([(2, *qa)]), "task_type": "compare"})
+    rng.shuffle(sft)
+    text_only = [text_instruction(random_scene(rng), rng) for _ in range(n_text)]
+
+    tests = held_out_questions(test, rng, questions_per_type)
+    # The LLM's pretraining text: captions of other scenes, and text-only conversations in the template.
+    # (A real LLaMA knows language, not this world; ours must learn the world's words somewhere.)
+    corpus = [notes_and_caption(random_scene(rng)) for _ in range(n_text)]
+    corpus += [text_conversation(random_scene(rng), rng) for _ in range(2 * n_text)]
+
+    paths = {k: os.path.join(out_dir, f) for k, f in
+             (("captions", "captions.jsonl"), ("labels", "labels.jsonl"), ("instructions", "instructions.jsonl"),
+              ("text_instructions", "text_instructions.json"), ("test", "test.json"),
+              ("corpus", "corpus.txt"), ("tokenizer", "tokenizer.model"))}
+    write_jsonl(paths["captions"], captions)
+    write_jsonl(paths["labels"], [{"image": name, "cells": cell_labels(s)} for name, s in train])
+    write_jsonl(paths["instructions"], sft)
+    with open(paths["text_instructions"], "w") as f:
+        json.dump(text_only, f, indent=0)
+    with open(paths["test"], "w") as f:
+        json.dump(tests, f, indent=1)
+    with open(paths["corpus"], "w") as f:
+        f.write("\n".join(d.replace("\n", "\\n") for d in corpus) + "\n")  # one document per line
+    tok_text = [c["caption"] for c in captions] + [e["text"] for e in sft] + corpus
+    tok_text += [alpaca_prompt(e) for e in text_only] + [SYSTEM]
+    train_tokenizer(tok_text, paths["tokenizer"], vocab_size)
+    return paths
+
+
+def held_out_questions(test, rng, per_type):
+    """Balanced held-out questions: per_type of each kind; prompts as build_prompt turns."""
+    out = []
+    for kind in QUESTION_TYPES:
+        n, tries = 0, 0
+        while n < per_type and tries < 100 * per_type:  # a tiny test set may have no word at all
+            tries += 1
+            if kind == "compare":
+                (na, a), (nb, b) = rng.sample(test, 2)
+                qa = compare(a, b, rng)
+                if qa:
+                    out.append({"type": kind, "images": [na, nb], "turns": [[2, qa[0], None]], "answer": qa[1]})
+                    n += 1
+                continue
+            name, s = rng.choice(test)
+            if kind == "multiturn":  # the answer of the last turn is scored; earlier answers are given
+                (q1, a1), (q2, a2) = any_question(s, rng)[1], any_question(s, rng)[1]
+                out.append({"type": kind, "images": [name], "turns": [[1, q1, a1], [0, q2, None]], "answer": a2})
+                n += 1
+                continue
+            qa = question(s, kind, rng)
+            if qa:
+                out.append({"type": kind, "images": [name], "turns": [[1, qa[0], None]], "answer": qa[1]})
+                n += 1
+    return out
+
+
+THINGS = SHAPES + ("word", "nothing")  # the per-cell vocabularies of cell_labels and notes
+WHATS = tuple(COLOURS) + WORDS + ("nothing",)
+SIZES_OR_NOTHING = SIZES + ("nothing",)
+
+
+def cell_labels(scene):
+    """Per cell (reading order): [thing, colour or word, size] as class indices into THINGS, WHATS,
+    SIZES_OR_NOTHING: the labels demo.py pretrains its stand-in for CLIP on."""
+    out = []
+    for cell in CELLS:
+        it = next((it for it in scene.items if it.cell == cell), None)
+        if it is not None:
+            out.append([THINGS.index(it.shape), WHATS.index(it.colour), SIZES_OR_NOTHING.index(it.size)])
+        elif scene.word_cell == cell:
+            out.append([THINGS.index("word"), WHATS.index(scene.word), SIZES_OR_NOTHING.index("nothing")])
+        else:
+            out.append([THINGS.index("nothing"), WHATS.index("nothing"), SIZES_OR_NOTHING.index("nothing")])
+    return out
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def train_tokenizer(texts, model_file, vocab_size=512):
+    """A sentencepiece BPE model with LLaMA's settings: byte fallback (256 byte pieces), digits split,
+    unk=0 bos=1 eos=2 and no pad. The vocabulary is small because the world's language is."""
+    import io
+    import sentencepiece as spm
+    lines = [t for t in texts if t.strip()]  # whole documents: "\nHuman:" is learned as it appears
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        character_coverage=0.99995, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, add_dummy_prefix=True, hard_vocab_limit=False,
+        num_threads=1, minloglevel=2, max_sentence_length=4096)
+    tmp = model_file + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, model_file)

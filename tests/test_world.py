@@ -1,0 +1,115 @@
+"""The synthetic world of the demo (owl/world.py): determinism, images that show what the captions
+say, questions whose answers follow from the scene, files train.py reads, a LLaMA-style tokenizer."""
+import filecmp
+import json
+import os
+import random
+
+import pytest
+
+from owl import world, build_prompt
+from owl.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    paths = world.write_world(str(out), n_train=60, n_test=12, n_text=60, seed=3, questions_per_type=3)
+    return out, paths
+
+
+def test_same_seed_same_world(small_world, tmp_path):
+    out, paths = small_world
+    again = world.write_world(str(tmp_path), n_train=60, n_test=12, n_text=60, seed=3, questions_per_type=3)
+    for key in ("captions", "labels", "instructions", "text_instructions", "test", "corpus", "tokenizer"):
+        assert filecmp.cmp(paths[key], again[key], shallow=False), key
+    for name in ("train_00000.png", "train_00059.png", "test_00011.png"):
+        assert filecmp.cmp(out / "images" / name, tmp_path / "images" / name, shallow=False)
+    other = world.write_world(str(tmp_path / "other"), n_train=60, n_test=12, n_text=60, seed=4, questions_per_type=3)
+    assert not filecmp.cmp(paths["captions"], other["captions"], shallow=False)
+
+
+def test_images_show_the_captioned_scene():
+    """The pixel at each shape's centre has the shape's colour; empty cells are background."""
+    rng = random.Random(0)
+    for _ in range(30):
+        s = world.random_scene(rng)
+        img = world.render(s, 56)  # no jitter: centres are exact
+        for i, cell in enumerate(world.CELLS):
+            row, col = divmod(i, 2)
+            centre = img.getpixel((col * 28 + 14, row * 28 + 16))  # a little low: inside triangles too
+            item = next((it for it in s.items if it.cell == cell), None)
+            if item is not None:
+                assert centre == world.COLOURS[item.colour], (world.caption(s), cell)
+            elif s.word_cell != cell:
+                assert centre == (245, 245, 240)
+
+
+def test_questions_follow_from_the_scene():
+    s = world.Scene([world.Item("circle", "red", "big", "top left"), world.Item("square", "blue", "small", "bottom right")],
+                    word="cat", word_cell="top right")
+    rng = random.Random(0)
+    answers = {}
+    for _ in range(200):
+        for kind in world.SINGLE:
+            qa = world.question(s, kind, rng)
+            if qa:
+                answers[qa[0]] = qa[1]
+    expected = {"How many shapes are there?": "two", "What colour is the circle?": "red",
+                "What colour is the shape at the bottom right?": "blue", "What shape is at the top left?": "circle",
+                "Where is the blue square?": "bottom right", "Is there a red circle?": "yes",
+                "Is there a red square?": "no", "Is there any text in the image?": "yes",
+                "What does the text say?": "cat"}
+    for q, a in expected.items():
+        assert answers[q] == a, q
+    one = world.Scene([world.Item("triangle", "green", "big", "bottom left")])
+    assert world.question(one, "text", rng) is None
+    for _ in range(20):
+        q, a = world.compare(s, one, rng)
+        if q == "Which image has more shapes?" or q == "Which image has a word written in it?":
+            assert a == "the first image"
+        elif q == "Which image has a green triangle?":
+            assert a == "the second image"
+    assert world.notes(s) == "big red circle none cat word none none none small blue square"
+    assert world.caption(s) == ("There are two shapes: a big red circle at the top left and a small blue square "
+                                "at the bottom right. The word cat is written at the top right.")
+
+
+def test_files_are_in_the_formats_train_py_reads(small_world):
+    from owl.data import load_examples
+    out, paths = small_world
+    tok = Tokenizer(paths["tokenizer"], 17)
+    ex, st = load_examples([paths["captions"]], tok, 512)
+    assert st.formats == {"caption": 60} and len(ex) == 60 and not st.missing
+    ex, st = load_examples([paths["instructions"], paths["text_instructions"]], tok, 512)
+    assert st.formats["alpaca"] == 60 and st.formats["official"] > 60
+    assert not st.missing and not st.mismatch and st.text_only == 60
+    assert any(len(e.images) == 2 for e in ex)  # two-image comparisons
+    with open(paths["instructions"]) as f:
+        rows = [json.loads(line) for line in f]
+    assert any(r["text"].count("AI: ") >= 2 for r in rows)  # multi-turn
+    for r in rows:
+        assert r["text"].count("<image>") == len(r["image"])
+    with open(paths["test"]) as f:
+        tests = json.load(f)
+    assert {t["type"] for t in tests} == set(world.QUESTION_TYPES)
+    for t in tests:
+        assert all(p.startswith("images/test_") for p in t["images"])  # held-out images only
+        n_img = sum(turn[0] for turn in t["turns"])
+        assert build_prompt([tuple(x) for x in t["turns"]]).count("<image>") == n_img == len(t["images"])
+
+
+def test_tokenizer_has_llama_settings(small_world):
+    _, paths = small_world
+    tok = Tokenizer(paths["tokenizer"], 17)
+    sp = tok.sp
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
+    assert sp.id_to_piece(3) == "<0x00>"  # byte fallback: 256 byte pieces after the specials
+    text = "Résumé 2048 owls"  # characters and digits the world never uses
+    ids = sp.encode(text)
+    assert sp.decode(ids) == text
+    assert [sp.id_to_piece(i) for i in sp.encode("2048")][-4:] == ["<0x32>", "<0x30>", "<0x34>", "<0x38>"]
+    # the world's notes are one token per word, so their positions never move (the eight scene-text
+    # words become single pieces only with the full world's amount of text: shapes only here)
+    s = world.Scene([world.Item("triangle", "yellow", "small", "top right"), world.Item("circle", "green", "big", "bottom left")])
+    assert len(sp.encode(world.notes(s))) == 12
