@@ -6,7 +6,8 @@
   lora.py        LoRA for stage 2                 (peft / loralib)
   model.py       fV -> fK -> fL, image tokens spliced into the text (MplugOwlForConditionalGeneration)
 and around them: config.py, tokenizer.py (prompt template), image.py, generate.py, checkpoint.py,
-convert.py (.bin -> safetensors).
+convert.py (.bin -> safetensors), quant.py (int8); chat_session.py and owleval.py (chat.py's engine);
+data.py and train_utils.py (train.py's); world.py, demo_pretrain.py, demo.py, demo_report.py (the demo).
 """
 from .config import OwlConfig, VisionConfig, AbstractorConfig, LlamaConfig, PRESETS, preset
 from .model import MplugOwl
