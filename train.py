@@ -50,6 +50,7 @@ def parse_args(argv):
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, help="peak lr (default: 1e-4 stage 1, 2e-5 stage 2, the paper's)")
     p.add_argument("--min-lr", type=float, help="cosine floor (default lr/10; the paper gives none)")
+    p.add_argument("--vision-lr", type=float, help="stage 1: peak lr of the ViT (default: --lr)")
     p.add_argument("--warmup-steps", type=int, help="default 4%% of max-steps (paper: 2k of 50k)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm, 0 = off")
@@ -239,7 +240,8 @@ def train(a, ckpt_dir):
     for name, (t, n) in U.count_by_module(model).items():
         log(f"{name:16s} trainable {t:>13,d} of {n:>13,d}")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(U.param_groups(model, a.weight_decay), lr=a.lr, betas=(0.9, 0.98), eps=1e-8)
+    vision_scale = a.vision_lr / a.lr if a.vision_lr is not None else 1.0
+    opt = torch.optim.AdamW(U.param_groups(model, a.weight_decay, vision_scale), lr=a.lr, betas=(0.9, 0.98), eps=1e-8)
     step_model = StepModel(model)
     if world > 1:  # find_unused: a text-only micro-batch leaves the ViT/abstractor without gradient
         step_model = DDP(step_model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -276,7 +278,7 @@ def train(a, ckpt_dir):
         t0 = time.time()
         lr = get_lr(step, a)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_scale"]
         micro = [next(batches) for _ in range(a.grad_accum)]
         for mb in micro:
             bad_seen, seen = bad_seen + len(mb["bad"]), seen + len(mb["bad"]) + len(mb["input_ids"])

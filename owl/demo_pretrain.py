@@ -19,7 +19,7 @@ from . import world
 from .config import LlamaConfig, VisionConfig
 from .image import load_image
 from .llama import Llama
-from .model import lm_loss_sum
+from .model import IGNORE, lm_loss_sum
 from .tokenizer import Tokenizer
 from .vision import VisionTransformer
 
@@ -86,45 +86,71 @@ def write_hf_clip(vit: VisionTransformer, out_dir):
 
 # ----------------------------------------------------------------------------- the stand-in pretrained LLM
 
-def encode_doc(tok: Tokenizer, doc, i):
-    """A corpus document's ids. A conversation is tokenised half the time as train.py does (chunks split
-    at "AI: " and "\nHuman: ", each answer followed by EOS) and half as a prompt reaches owl.generate
-    (one chunk up to each "AI: ", whose trailing space is a lone "▁" piece, then the answer and EOS):
-    the two differ slightly, in the official code too, and the LLM should know both."""
-    if "\nAI: " not in doc:
-        return tok.encode(doc, bos=True, eos=True)
-    if i % 2 == 0:
-        from .data import tokenize_conversation
-        return tokenize_conversation(tok, doc, 10 ** 6)[0]
-    ids, parts = [tok.bos_id], doc.rstrip("\n").split("AI: ")
-    ids += tok.sp.encode(parts[0] + "AI: ")
-    for part in parts[1:]:
-        answer, _, rest = part.partition("\n")
-        ids += tok.sp.encode(answer) + [tok.eos_id]
-        if rest:
-            ids += tok.sp.encode("\n" + rest + "AI: ")
+def notes_ids(tok: Tokenizer, note):
+    """An image's notes as the ids the LLM reads in its image_tokens slots: 12 words, one piece each,
+    then a full stop."""
+    ids = tok.sp.encode(note) + [tok.sp.piece_to_id(".")]
+    if len(ids) != tok.image_tokens or tok.sp.unk_id() in ids:
+        raise ValueError(f"the notes {note!r} are {len(ids)} tokens with the full stop, not {tok.image_tokens}: "
+                         f"every notes word must be one piece of the tokenizer")
     return ids
 
 
-def lm_batches(tok: Tokenizer, corpus_file, block, batch_size, seed):
-    """Endless (B, block+1) batches of the corpus packed into one stream: <s> doc </s> <s> doc </s> ..."""
+def encode_doc(tok: Tokenizer, doc, i):
+    """A corpus document {"text", "notes"} -> ids, each image slot holding the next image's notes.
+
+    A caption is tokenised as train.py's stage 1 does (BOS, slots, caption, EOS). A conversation is
+    tokenised half the time as train.py's stage 2 does (chunks split at "AI: " and "\nHuman: ", each
+    answer followed by EOS) and half as a prompt reaches owl.generate (one chunk between images up to
+    the last "AI: ", whose trailing space is a lone "▁" piece, then the answer and EOS): the two
+    differ slightly, in the official code too, and the LLM should know both."""
+    from .data import tokenize_caption, tokenize_conversation
+    text = doc["text"]
+    if "\nAI: " not in text:
+        ids, labels = tokenize_caption(tok, text, 10 ** 6)[:2]
+    elif i % 2 == 0:
+        ids, labels = tokenize_conversation(tok, text, 10 ** 6)[:2]
+    else:
+        prompt, _, answer = text.rstrip("\n").rpartition("AI: ")
+        ids = tok.encode_prompt(prompt + "AI: ")
+        labels = [IGNORE] * len(ids) + tok.sp.encode(answer) + [tok.eos_id]
+        ids += labels[len(ids):]
+    notes, out, k = iter(doc["notes"]), [], 0
+    while k < len(ids):  # each run of image_tokens slots (-1) becomes the next image's notes
+        if ids[k] < 0:
+            out += notes_ids(tok, next(notes))
+            k += tok.image_tokens
+        else:
+            out.append(ids[k])
+            k += 1
+    return out, labels
+
+
+def lm_batches(tok: Tokenizer, corpus_file, batch_size, seed):
+    """Endless batches of whole documents, right-padded: ids (B, T) and labels (B, T). Whole documents,
+    not windows of a packed stream: a window that cuts a conversation after its notes would teach the
+    LLM to answer without reading them."""
     with open(corpus_file) as f:
-        docs = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
-    stream = torch.tensor([t for i, d in enumerate(docs) for t in encode_doc(tok, d, i)])
+        docs = [encode_doc(tok, json.loads(line), i) for i, line in enumerate(f) if line.strip()]
     g = torch.Generator().manual_seed(seed)
     while True:
-        starts = torch.randint(0, len(stream) - block - 1, (batch_size,), generator=g)
-        yield torch.stack([stream[s:s + block + 1] for s in starts])  # (B, block+1)
+        chunk = [docs[i] for i in torch.randint(0, len(docs), (batch_size,), generator=g).tolist()]
+        T = max(len(ids) for ids, _ in chunk)
+        ids = torch.zeros(batch_size, T, dtype=torch.long)
+        labels = torch.full((batch_size, T), IGNORE, dtype=torch.long)
+        for b, (x, y) in enumerate(chunk):
+            ids[b, :len(x)], labels[b, :len(y)] = torch.tensor(x), torch.tensor(y)
+        yield ids, labels
 
 
-def pretrain_llm(cfg: LlamaConfig, tok: Tokenizer, corpus_file, steps, batch_size, lr, seed, log=None, block=128):
+def pretrain_llm(cfg: LlamaConfig, tok: Tokenizer, corpus_file, steps, batch_size, lr, seed, log=None):
     """A plain next-token loop (AdamW, warm-up then cosine) on the world's text; returns the LLM."""
     torch.manual_seed(seed)
     llm = Llama(cfg)
     llm.init_weights()
     opt = torch.optim.AdamW(llm.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 10)
-    data = lm_batches(tok, corpus_file, block, batch_size, seed)
+    data = lm_batches(tok, corpus_file, batch_size, seed)
     from tqdm import tqdm
     bar = tqdm(range(steps), desc="pretrain LLM", dynamic_ncols=True, leave=False)
     for step in bar:
@@ -132,8 +158,8 @@ def pretrain_llm(cfg: LlamaConfig, tok: Tokenizer, corpus_file, steps, batch_siz
         f = (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
         for g in opt.param_groups:
             g["lr"] = lr * f
-        x = next(data)
-        loss, n = lm_loss_sum(llm(x), x)
+        x, y = next(data)
+        loss, n = lm_loss_sum(llm(x), y)
         loss = loss / n
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -187,6 +213,7 @@ def pretrain_vit(cfg: VisionConfig, labels_file, steps, batch_size, lr, seed, lo
                    for k, h in enumerate(heads))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if log is not None:

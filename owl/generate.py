@@ -88,12 +88,14 @@ def compiled_decode_one_token():
     return torch.compile(decode_one_token, dynamic=True)
 
 
-def encode_batch(model, tokenizer, prompts, images):
-    """Token ids (left-padded), the padding mask (or None) and the visual tokens of all images."""
+def encode_batch(model, tokenizer, prompts, images, image_embeds=None):
+    """Token ids (left-padded), the padding mask (or None) and the visual tokens of all images
+    (image_embeds (N, image_tokens, C), when given, stand for the images' visual tokens)."""
     rows = [tokenizer.encode_prompt(p) for p in prompts]
     n_slots = sum(sum(1 for i in r if i < 0) for r in rows) // tokenizer.image_tokens
-    if n_slots != len(images):
-        raise ValueError(f"the prompt(s) have {n_slots} <image> but {len(images)} image(s) were given")
+    n_given = len(images) if image_embeds is None else len(image_embeds)
+    if n_slots != n_given:
+        raise ValueError(f"the prompt(s) have {n_slots} <image> but {n_given} image(s) were given")
     ctx = model.config.text_config.max_position_embeddings
     T = max(len(r) for r in rows)
     if T >= ctx:
@@ -103,8 +105,8 @@ def encode_batch(model, tokenizer, prompts, images):
     pad_mask = None
     if any(len(r) < T for r in rows):
         pad_mask = torch.tensor([[False] * (T - len(r)) + [True] * len(r) for r in rows], device=device)
-    embeds = None
-    if images:
+    embeds = image_embeds
+    if images and embeds is None:
         size = model.config.vision_config.image_size
         pixels = torch.stack([preprocess_image(im, size) for im in images]).to(device)  # (N, 3, H, W)
         embeds = model.encode_images(pixels.to(model.vision_model.embeddings.patch_embed.weight.dtype))
@@ -113,16 +115,17 @@ def encode_batch(model, tokenizer, prompts, images):
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompt, images=(), max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
-             seed=None, stream=None, compile=False):
+             seed=None, stream=None, compile=False, image_embeds=None):
     """New token ids for a prompt in the official template with one <image> per PIL image.
 
     `prompt` may be a list of prompts (then `images` are all their images in order, and a list of
     id lists is returned). temperature 0 is greedy; `seed` makes sampling repeatable; stream is called
     with each new id (an int; a (B,) tensor for a list of prompts) and may return True to stop.
-    compile=True runs the decode step through torch.compile (worth it on a GPU, for long outputs)."""
+    compile=True runs the decode step through torch.compile (worth it on a GPU, for long outputs).
+    image_embeds (N, image_tokens, C) may replace the images: visual tokens computed beforehand."""
     single = isinstance(prompt, str)
     prompts = [prompt] if single else list(prompt)
-    ids, pad_mask, embeds = encode_batch(model, tokenizer, prompts, list(images))
+    ids, pad_mask, embeds = encode_batch(model, tokenizer, prompts, list(images), image_embeds)
     B, T = ids.shape
     max_new_tokens = min(max_new_tokens, model.config.text_config.max_position_embeddings - T)
     generator = None

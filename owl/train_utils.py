@@ -60,14 +60,20 @@ def cast_frozen(model, dtype):
         p.data = p.data.to(dtype if not p.requires_grad else torch.float32)
 
 
-def param_groups(model, weight_decay):
+def param_groups(model, weight_decay, vision_lr_scale=1.0):
     """AdamW groups: decay on matrices (LoRA A/B included), none on norms, biases and the
-    embedding-like tensors in NO_DECAY (the usual convention; the paper does not say)."""
-    decay, no_decay = [], []
+    embedding-like tensors in NO_DECAY (the usual convention; the paper does not say). The ViT's
+    parameters get lr x vision_lr_scale (train.py --vision-lr): a pretrained tower next to a fresh
+    abstractor often wants a smaller lr (the paper uses one lr for both)."""
+    groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.dim() < 2 or name in NO_DECAY else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            decay = not (p.dim() < 2 or name in NO_DECAY)
+            scale = vision_lr_scale if name.startswith("vision_model.") else 1.0
+            g = groups.setdefault((decay, scale), {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                                                   "lr_scale": scale})
+            g["params"].append(p)
+    return list(groups.values())
 
 
 def set_dropout(model, p):

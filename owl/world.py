@@ -56,9 +56,9 @@ class Scene:
         return hits[0] if len(hits) == 1 else None
 
 
-def random_scene(rng):
+def random_scene(rng, p_word=0.5):
     cells = rng.sample(CELLS, 4)
-    with_word = rng.random() < 0.4
+    with_word = rng.random() < p_word
     n = rng.randint(1, 3)
     items = [Item(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(SIZES), c) for c in cells[:n]]
     items.sort(key=lambda it: CELLS.index(it.cell))
@@ -187,32 +187,40 @@ def text_instruction(scene, rng):
 
 
 def notes(scene):
-    """Terse scene notes, 3 words per cell in reading order ("big red circle", "none cat word",
-    "none none none"): one sentencepiece token each, 12 in all, always in the same places."""
+    """Terse scene notes, 5 words per cell in reading order, the cell first ("top left big red circle",
+    "top right none word cat", "bottom left none none none", ...): one sentencepiece token each, 20 in
+    all, always in the same places. Naming the cell lets a tiny LLM find a cell by its name, as it
+    finds a shape by its colour, instead of counting positions; the scene text follows the word
+    "word", as in the captions ("The word cat is written ..."), so copying it is copying what follows."""
     out = []
-    for thing, what, size in cell_labels(scene):
-        out += [SIZES_OR_NOTHING[size], WHATS[what], THINGS[thing]]
+    for cell, (thing, what, size) in zip(CELLS, cell_labels(scene)):
+        if THINGS[thing] == "word":
+            out += cell.split() + ["none", "word", WHATS[what]]
+        else:
+            out += cell.split() + [SIZES_OR_NOTHING[size], WHATS[what], THINGS[thing]]
     return " ".join("none" if w == "nothing" else w for w in out)
 
 
-def notes_and_caption(scene):
-    """An LLM pretraining document: the notes, a full stop, then the caption they describe (13 + n
-    tokens: in stage 1, 12 query tokens + the end-of-image token take the place of the 13). This is what lets the
-    frozen LLM of stage 1 read the visual tokens: a real LLM has read text about text of every kind;
-    ours, trained for a minute, must be shown some text whose words come from what precedes it."""
-    return notes(scene) + ". " + caption(scene)
+def stand_in_documents(scene, rng):
+    """LLM pretraining documents about one scene, as {"text", "notes"}: `text` is in the format
+    train.py reads (a caption, or a conversation in the official template) and every <image> in it
+    is read by the stand-in LLM as the next of `notes`, written in words (12 words and a full stop:
+    as many tokens as an image's visual tokens).
 
-
-def text_conversation(scene, rng):
-    """A multi-turn conversation about a scene described in words, its caption or its notes (LLM
-    pretraining text): the answers must be read from the description, which teaches the LLM to use
-    its context."""
-    turns = [any_question(scene, rng)[1] for _ in range(rng.randint(3, 6))]
-    if rng.random() < 0.7:  # copying the description is the first thing stage 1 will need
-        turns.insert(rng.randint(0, len(turns)), ("Describe the picture.", caption(scene)))
-    q0, a0 = turns[0]
-    seen = caption(scene) if rng.random() < 0.5 else notes(scene)
-    return build_prompt([(0, f"The picture: {seen}\n{q0}", a0)] + [(0, q, a) for q, a in turns[1:]])
+    A real LLaMA has read text about text of every kind; ours, trained for a couple of minutes, is
+    shown the two things the stages will ask of it, with a description in words where the image will
+    be: a caption written from the description (what stage 1 asks of the frozen LLM) and questions
+    answered from it (what stage 2 asks). It never sees an image: stage 1 must teach the ViT and the
+    abstractor to say in visual tokens what the notes say in words."""
+    note = notes(scene)
+    turns = [any_question(scene, rng)[1] for _ in range(rng.randint(4, 8))]  # many questions per read
+    docs = [{"text": caption(scene), "notes": [note]},
+            {"text": build_prompt([(1 if i == 0 else 0, q, a) for i, (q, a) in enumerate(turns)]), "notes": [note]}]
+    other = random_scene(rng, p_word=0.8)
+    qa = compare(scene, other, rng)
+    if qa and rng.random() < 0.5:
+        docs.append({"text": build_prompt([(2, *qa)]), "notes": [note, notes(other)]})
+    return docs
 
 
 def alpaca_prompt(ex):  # how an Alpaca example reads in the official template (as train.py builds it)
@@ -223,7 +231,7 @@ def alpaca_prompt(ex):  # how an Alpaca example reads in the official template (
 # ----------------------------------------------------------------------------- the files
 
 def write_world(out_dir, n_train=3000, n_test=120, n_text=1500, image_size=56, seed=0, questions_per_type=40,
-                vocab_size=512):
+                vocab_size=1024, n_corpus=4000):
     """Write the whole world under out_dir; returns {name: path}. Deterministic for a seed."""
     rng = random.Random(seed)
     img_dir = os.path.join(out_dir, "images")
@@ -246,7 +254,7 @@ def write_world(out_dir, n_train=3000, n_test=120, n_text=1500, image_size=56, s
     # a single question), and two-image comparisons
     sft = []
     for name, s in train:
-        turns = [any_question(s, rng)[1] for _ in range(rng.randint(1, 5))]
+        turns = [any_question(s, rng)[1] for _ in range(rng.randint(1, 6))]
         sft.append({"image": [name], "text": build_prompt([(1 if i == 0 else 0, q, a) for i, (q, a) in enumerate(turns)]),
                     "task_type": "multiturn" if len(turns) > 1 else "single"})
     for _ in range(n_train // 4):
@@ -260,13 +268,15 @@ def write_world(out_dir, n_train=3000, n_test=120, n_text=1500, image_size=56, s
     tests = held_out_questions(test, rng, questions_per_type)
     # The LLM's pretraining text: captions of other scenes, and text-only conversations in the template.
     # (A real LLaMA knows language, not this world; ours must learn the world's words somewhere.)
-    corpus = [notes_and_caption(random_scene(rng)) for _ in range(n_text)]
-    corpus += [text_conversation(random_scene(rng), rng) for _ in range(2 * n_text)]
+    # Scene text is written in 80% of these scenes (50% of the images): each of the eight words is
+    # then frequent enough for a tiny LLM to learn to copy it (at 50% it barely learns to).
+    corpus = [d for _ in range(n_corpus) for d in stand_in_documents(random_scene(rng, p_word=0.8), rng)]
+    rng.shuffle(corpus)
 
     paths = {k: os.path.join(out_dir, f) for k, f in
              (("captions", "captions.jsonl"), ("labels", "labels.jsonl"), ("instructions", "instructions.jsonl"),
               ("text_instructions", "text_instructions.json"), ("test", "test.json"),
-              ("corpus", "corpus.txt"), ("tokenizer", "tokenizer.model"))}
+              ("corpus", "corpus.jsonl"), ("tokenizer", "tokenizer.model"))}
     write_jsonl(paths["captions"], captions)
     write_jsonl(paths["labels"], [{"image": name, "cells": cell_labels(s)} for name, s in train])
     write_jsonl(paths["instructions"], sft)
@@ -274,9 +284,9 @@ def write_world(out_dir, n_train=3000, n_test=120, n_text=1500, image_size=56, s
         json.dump(text_only, f, indent=0)
     with open(paths["test"], "w") as f:
         json.dump(tests, f, indent=1)
-    with open(paths["corpus"], "w") as f:
-        f.write("\n".join(d.replace("\n", "\\n") for d in corpus) + "\n")  # one document per line
-    tok_text = [c["caption"] for c in captions] + [e["text"] for e in sft] + corpus
+    write_jsonl(paths["corpus"], corpus)
+    tok_text = [c["caption"] for c in captions] + [e["text"] for e in sft] + [d["text"] for d in corpus]
+    tok_text += [n for d in corpus for n in d["notes"]]
     tok_text += [alpaca_prompt(e) for e in text_only] + [SYSTEM]
     train_tokenizer(tok_text, paths["tokenizer"], vocab_size)
     return paths
@@ -293,18 +303,21 @@ def held_out_questions(test, rng, per_type):
                 (na, a), (nb, b) = rng.sample(test, 2)
                 qa = compare(a, b, rng)
                 if qa:
-                    out.append({"type": kind, "images": [na, nb], "turns": [[2, qa[0], None]], "answer": qa[1]})
+                    out.append({"type": kind, "images": [na, nb], "turns": [[2, qa[0], None]], "answer": qa[1],
+                                "notes": [notes(a), notes(b)]})
                     n += 1
                 continue
             name, s = rng.choice(test)
             if kind == "multiturn":  # the answer of the last turn is scored; earlier answers are given
                 (q1, a1), (q2, a2) = any_question(s, rng)[1], any_question(s, rng)[1]
-                out.append({"type": kind, "images": [name], "turns": [[1, q1, a1], [0, q2, None]], "answer": a2})
+                out.append({"type": kind, "images": [name], "turns": [[1, q1, a1], [0, q2, None]], "answer": a2,
+                            "notes": [notes(s)]})
                 n += 1
                 continue
             qa = question(s, kind, rng)
             if qa:
-                out.append({"type": kind, "images": [name], "turns": [[1, qa[0], None]], "answer": qa[1]})
+                out.append({"type": kind, "images": [name], "turns": [[1, qa[0], None]], "answer": qa[1],
+                            "notes": [notes(s)]})
                 n += 1
     return out
 

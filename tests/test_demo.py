@@ -45,17 +45,40 @@ def test_hf_llama_writer_inverts_the_loader(tmp_path, ref):
 
 
 def test_corpus_tokenisation_matches_train_and_generate(tmp_path):
+    """A pretraining conversation reads as train.py tokenises it (i even) or as a prompt reaches
+    owl.generate (i odd), with each image's notes in its slots; the loss falls on answers only."""
     from owl.data import tokenize_conversation
-    paths = world.write_world(str(tmp_path), n_train=20, n_test=4, n_text=20, seed=0, questions_per_type=1)
-    tok = owl.Tokenizer(paths["tokenizer"], 17)
-    doc = world.text_conversation(world.random_scene(random.Random(0)), random.Random(1))
-    assert demo_pretrain.encode_doc(tok, doc, 0) == tokenize_conversation(tok, doc, 10 ** 6)[0]  # as train.py
-    ids = demo_pretrain.encode_doc(tok, doc, 1)  # as a prompt reaches owl.generate, then the answer and EOS
-    first, _, rest = doc.partition("AI: ")
-    answer = rest.split("\n")[0]
-    prompt = tok.encode_prompt(first + "AI: ")
-    assert ids[:len(prompt)] == prompt
-    assert ids[len(prompt):len(prompt) + len(tok.sp.encode(answer)) + 1] == tok.sp.encode(answer) + [tok.eos_id]
+    from owl.model import IGNORE
+    paths = world.write_world(str(tmp_path), n_train=20, n_test=4, n_text=20, seed=0, questions_per_type=1,
+                              n_corpus=300)
+    tok = owl.Tokenizer(paths["tokenizer"], 21)
+    rng = random.Random(1)
+    while True:  # a scene with a comparison: a conversation about two images
+        docs = world.stand_in_documents(world.random_scene(rng), rng)
+        if len(docs) == 3:
+            break
+    caption, chat, compare = docs
+    fill = lambda ids: [t for t in ids if t >= 0]  # the slots, dropped, to compare the text around them
+    for doc in (chat, compare):
+        notes = [demo_pretrain.notes_ids(tok, n) for n in doc["notes"]]
+        ids, labels = demo_pretrain.encode_doc(tok, doc, 0)  # as train.py
+        ref, ref_labels = tokenize_conversation(tok, doc["text"], 10 ** 6)[:2]
+        assert labels == ref_labels and min(ids) >= 0 and len(ids) == len(ref)
+        starts = [i for i, t in enumerate(ref) if t < 0][::tok.image_tokens]
+        for s, n in zip(starts, notes):
+            assert ids[s:s + tok.image_tokens] == n
+        assert [t for i, t in enumerate(ids) if ref[i] >= 0] == fill(ref)
+        ids, labels = demo_pretrain.encode_doc(tok, doc, 1)  # as a prompt reaches owl.generate
+        prompt, _, answer = doc["text"].rstrip("\n").rpartition("AI: ")
+        ref = tok.encode_prompt(prompt + "AI: ")
+        tail = tok.sp.encode(answer) + [tok.eos_id]
+        assert ids[len(ref):] == tail and labels == [IGNORE] * len(ref) + tail
+        assert [t for i, t in enumerate(ids[:len(ref)]) if ref[i] >= 0] == fill(ref)
+    ids, labels = demo_pretrain.encode_doc(tok, caption, 0)  # as stage 1: BOS, the notes, the caption, EOS
+    assert ids == [tok.bos_id] + demo_pretrain.notes_ids(tok, caption["notes"][0]) + tok.encode(caption["text"], eos=True)
+    assert labels == [IGNORE] * (1 + tok.image_tokens) + tok.encode(caption["text"], eos=True)
+    with pytest.raises(ValueError, match="one piece"):
+        demo_pretrain.notes_ids(tok, "top left big red circle")
 
 
 def test_normalise():

@@ -173,6 +173,21 @@ def test_stage_freezing_and_optimizer_state(data, s2_batch2, tmp_path):
     assert len(st["optimizer"]["state"]) == len(trained) and st["step"] == 3
 
 
+def test_vision_lr_applies_to_the_vit_only(data, tmp_path):
+    from owl.train_utils import param_groups
+    model, _ = train.build_model(train.parse_args(stage1_args(data, tmp_path)))
+    groups = param_groups(model, 0.1, vision_lr_scale=0.25)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert scale[id(p)] == (0.25 if n.startswith("vision_model.") else 1.0), n
+    out = tmp_path / "still"  # --vision-lr 0: the ViT keeps its pretrained weights bit for bit
+    train.main(stage1_args(data, out, "--batch-size", "2", "--vision-lr", "0"))
+    m, _ = owl.load_model(str(out))
+    for k, v in owl.load_vision(CLIP).state_dict().items():
+        assert torch.equal(m.vision_model.state_dict()[k], v), k
+
+
 def test_stage1_gradient_flows_through_the_frozen_llama(data, tmp_path):
     a = train.parse_args(stage1_args(data, tmp_path))
     model, tok = train.build_model(a)

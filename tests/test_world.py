@@ -14,18 +14,20 @@ from owl.tokenizer import Tokenizer
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    paths = world.write_world(str(out), n_train=60, n_test=12, n_text=60, seed=3, questions_per_type=3)
+    paths = world.write_world(str(out), n_train=60, n_test=12, n_text=60, seed=3, questions_per_type=3, n_corpus=200)
     return out, paths
 
 
 def test_same_seed_same_world(small_world, tmp_path):
     out, paths = small_world
-    again = world.write_world(str(tmp_path), n_train=60, n_test=12, n_text=60, seed=3, questions_per_type=3)
+    again = world.write_world(str(tmp_path), n_train=60, n_test=12, n_text=60, seed=3, questions_per_type=3,
+                            n_corpus=200)
     for key in ("captions", "labels", "instructions", "text_instructions", "test", "corpus", "tokenizer"):
         assert filecmp.cmp(paths[key], again[key], shallow=False), key
     for name in ("train_00000.png", "train_00059.png", "test_00011.png"):
         assert filecmp.cmp(out / "images" / name, tmp_path / "images" / name, shallow=False)
-    other = world.write_world(str(tmp_path / "other"), n_train=60, n_test=12, n_text=60, seed=4, questions_per_type=3)
+    other = world.write_world(str(tmp_path / "other"), n_train=60, n_test=12, n_text=60, seed=4, questions_per_type=3,
+                            n_corpus=200)
     assert not filecmp.cmp(paths["captions"], other["captions"], shallow=False)
 
 
@@ -70,7 +72,8 @@ def test_questions_follow_from_the_scene():
             assert a == "the first image"
         elif q == "Which image has a green triangle?":
             assert a == "the second image"
-    assert world.notes(s) == "big red circle none cat word none none none small blue square"
+    assert world.notes(s) == ("top left big red circle top right none word cat bottom left none none none "
+                              "bottom right small blue square")
     assert world.caption(s) == ("There are two shapes: a big red circle at the top left and a small blue square "
                                 "at the bottom right. The word cat is written at the top right.")
 
@@ -112,4 +115,4 @@ def test_tokenizer_has_llama_settings(small_world):
     # the world's notes are one token per word, so their positions never move (the eight scene-text
     # words become single pieces only with the full world's amount of text: shapes only here)
     s = world.Scene([world.Item("triangle", "yellow", "small", "top right"), world.Item("circle", "green", "big", "bottom left")])
-    assert len(sp.encode(world.notes(s))) == 12
+    assert len(sp.encode(world.notes(s))) == 20
