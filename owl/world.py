@@ -12,7 +12,8 @@ the pretrained LLM. Files are written in the formats train.py reads:
   instructions.jsonl      official mPLUG-Owl SFT JSONL {"image": [...], "text": "<template>"}  (stage 2)
   text_instructions.json  Alpaca [{"instruction", "input", "output"}]                   (stage 2)
   test.json               held-out questions on held-out images (demo.evaluate)
-  corpus.txt              one document per line (the LLM's pretraining text)
+  corpus.jsonl            {"text": caption or template conversation, "notes": [...]}  (the LLM's
+                          pretraining text; each <image> is read as that image's notes, in words)
   tokenizer.model         sentencepiece BPE trained on all of the above with LLaMA's settings
 
 A scene is a 2 x 2 grid of cells (a 56-px image is 2 x 2 ViT patches per cell); each cell holds at
@@ -204,7 +205,7 @@ def notes(scene):
 def stand_in_documents(scene, rng):
     """LLM pretraining documents about one scene, as {"text", "notes"}: `text` is in the format
     train.py reads (a caption, or a conversation in the official template) and every <image> in it
-    is read by the stand-in LLM as the next of `notes`, written in words (12 words and a full stop:
+    is read by the stand-in LLM as the next of `notes`, written in words (20 words and a full stop:
     as many tokens as an image's visual tokens).
 
     A real LLaMA has read text about text of every kind; ours, trained for a couple of minutes, is
@@ -266,8 +267,8 @@ def write_world(out_dir, n_train=3000, n_test=120, n_text=1500, image_size=56, s
     text_only = [text_instruction(random_scene(rng), rng) for _ in range(n_text)]
 
     tests = held_out_questions(test, rng, questions_per_type)
-    # The LLM's pretraining text: captions of other scenes, and text-only conversations in the template.
-    # (A real LLaMA knows language, not this world; ours must learn the world's words somewhere.)
+    # The LLM's pretraining text: captions of and conversations about other scenes, their notes in the
+    # image slots. (A real LLaMA knows language, not this world; ours must learn the world's words somewhere.)
     # Scene text is written in 80% of these scenes (50% of the images): each of the eight words is
     # then frequent enough for a tiny LLM to learn to copy it (at 50% it barely learns to).
     corpus = [d for _ in range(n_corpus) for d in stand_in_documents(random_scene(rng, p_word=0.8), rng)]
