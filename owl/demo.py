@@ -215,8 +215,8 @@ def _run_demo(out, d: DemoConfig, ablation):
     runs = {"both": s2}
     if ablation:
         runs["stage1_only"] = s1  # multimodal pretraining, no instruction tuning
-        # No multimodal pretraining: stage 1 for 0 steps exports the unaligned model (random ViT, fresh
-        # abstractor, the LLM) by the same code path; stage 2 then starts from it.
+        # No multimodal pretraining: stage 1 for 0 steps exports the unaligned model (the stand-in CLIP
+        # ViT, a fresh abstractor, the LLM) by the same code path; stage 2 then starts from it.
         s0 = stage1(d, os.path.join(out, "unaligned"), paths, clip_dir, llm_dir, 0)
         runs["stage2_only"] = stage2(d, os.path.join(out, "stage2_only"), paths, s0, d.stage2_steps)
         lap("ablation")
