@@ -87,8 +87,8 @@ def write_hf_clip(vit: VisionTransformer, out_dir):
 # ----------------------------------------------------------------------------- the stand-in pretrained LLM
 
 def notes_ids(tok: Tokenizer, note):
-    """An image's notes as the ids the LLM reads in its image_tokens slots: 12 words, one piece each,
-    then a full stop."""
+    """An image's notes as the ids the LLM reads in its image_tokens slots: one piece per word (20
+    words), then a full stop."""
     ids = tok.sp.encode(note) + [tok.sp.piece_to_id(".")]
     if len(ids) != tok.image_tokens or tok.sp.unk_id() in ids:
         raise ValueError(f"the notes {note!r} are {len(ids)} tokens with the full stop, not {tok.image_tokens}: "

@@ -91,6 +91,8 @@ def compiled_decode_one_token():
 def encode_batch(model, tokenizer, prompts, images, image_embeds=None):
     """Token ids (left-padded), the padding mask (or None) and the visual tokens of all images
     (image_embeds (N, image_tokens, C), when given, stand for the images' visual tokens)."""
+    if images and image_embeds is not None:
+        raise ValueError("give the images or their image_embeds, not both")
     rows = [tokenizer.encode_prompt(p) for p in prompts]
     n_slots = sum(sum(1 for i in r if i < 0) for r in rows) // tokenizer.image_tokens
     n_given = len(images) if image_embeds is None else len(image_embeds)
@@ -106,7 +108,7 @@ def encode_batch(model, tokenizer, prompts, images, image_embeds=None):
     if any(len(r) < T for r in rows):
         pad_mask = torch.tensor([[False] * (T - len(r)) + [True] * len(r) for r in rows], device=device)
     embeds = image_embeds
-    if images and embeds is None:
+    if images:
         size = model.config.vision_config.image_size
         pixels = torch.stack([preprocess_image(im, size) for im in images]).to(device)  # (N, 3, H, W)
         embeds = model.encode_images(pixels.to(model.vision_model.embeddings.patch_embed.weight.dtype))

@@ -32,6 +32,25 @@ def test_batched_greedy_equals_unbatched(ref, owl_model):
     assert batched == [c["generated_ids"] for c in cases]
 
 
+def test_image_embeds_stand_for_the_images(ref, owl_model):
+    """Visual tokens computed beforehand (what the demo's ceiling passes: the notes' embeddings) give
+    what the images give; both at once, or too few, is a clear error."""
+    from owl.image import preprocess_image
+    model, tok = owl_model
+    case = next(c for c in load_cases(ref) if len(c["images"]) == 2)
+    images = case_images(ref, case)
+    px = torch.stack([preprocess_image(im, model.config.vision_config.image_size) for im in images])
+    with torch.no_grad():
+        embeds = model.encode_images(px)
+    out = owl.generate(model, tok, case["prompt"], image_embeds=embeds, max_new_tokens=16)
+    assert out == case["generated_ids"]
+    assert owl.generate(model, tok, case["prompt"], image_embeds=embeds.flip(0), max_new_tokens=16) != out
+    with pytest.raises(ValueError, match="not both"):
+        owl.generate(model, tok, case["prompt"], images, image_embeds=embeds)
+    with pytest.raises(ValueError, match="2 <image> but 1"):
+        owl.generate(model, tok, case["prompt"], image_embeds=embeds[:1])
+
+
 def test_batched_rows_stop_at_their_own_eos(ref, owl_model):
     """With a token that some rows generate taken as EOS, those rows end there and the others go on."""
     model, tok = owl_model
