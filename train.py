@@ -362,6 +362,6 @@ def evaluate(model, examples, a, rank, world, device, autocast):
 if __name__ == "__main__":
     try:
         main()
-    except (TrainError, DataError, CheckpointError, owl.ImageError, FileNotFoundError) as e:
+    except (TrainError, DataError, CheckpointError, owl.ImageError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -171,6 +171,12 @@ def stage2(d, out, world_paths, init, steps):
 def run_demo(out, ablation=False, quick=False, **overrides):
     """Generate the world, pretrain the LLM, run both stages, evaluate, write the report; returns out."""
     d = DemoConfig(**{**(QUICK if quick else {}), **overrides})
+    # train.py refuses to overwrite a stage's output, so a second run into the same OUT would stop after
+    # minutes of pretraining: refuse at once instead, and never delete an earlier run
+    earlier = [n for n in ("stage1", "stage2", "unaligned", "stage2_only") if os.path.exists(os.path.join(out, n))]
+    if earlier:
+        raise FileExistsError(f"{os.path.join(out, earlier[0])} exists (an earlier demo run): choose another OUT "
+                              f"or remove it")
     threads = torch.get_num_threads()
     torch.set_num_threads(d.threads or threads)
     try:

@@ -3,6 +3,8 @@ train.py and owl.generate, and a reduced `run_demo` (with the ablation) runs end
 import json
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from owl import demo, demo_pretrain, world
 from owl.config import LlamaConfig
 from owl.llama import Llama
 from owl.vision import VisionTransformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_hf_clip_writer_inverts_the_loader(tmp_path):
@@ -79,6 +83,17 @@ def test_corpus_tokenisation_matches_train_and_generate(tmp_path):
     assert labels == [IGNORE] * (1 + tok.image_tokens) + tok.encode(caption["text"], eos=True)
     with pytest.raises(ValueError, match="one piece"):
         demo_pretrain.notes_ids(tok, "top left big red circle")
+
+
+def test_a_second_run_into_the_same_out_stops_at_once(tmp_path):
+    (tmp_path / "stage1").mkdir()
+    with pytest.raises(FileExistsError, match="stage1 exists"):
+        demo.run_demo(str(tmp_path), quick=True)
+    assert sorted(os.listdir(tmp_path)) == ["stage1"]  # nothing written, nothing removed
+    r = subprocess.run([sys.executable, "train.py", "--demo", str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: {tmp_path / 'stage1'} exists "
+                                                                   "(an earlier demo run): choose another OUT or remove it"]
 
 
 def test_normalise():
