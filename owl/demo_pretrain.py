@@ -129,18 +129,24 @@ def encode_doc(tok: Tokenizer, doc, i):
 def lm_batches(tok: Tokenizer, corpus_file, batch_size, seed):
     """Endless batches of whole documents, right-padded: ids (B, T) and labels (B, T). Whole documents,
     not windows of a packed stream: a window that cuts a conversation after its notes would teach the
-    LLM to answer without reading them."""
+    LLM to answer without reading them. Each epoch the documents are shuffled, sorted by length and
+    cut into batches of neighbours, which are then shuffled: captions (about 50 tokens) and
+    conversations (about 150) no longer share a batch, and padding falls from about 45% of the
+    tokens to a few percent."""
     with open(corpus_file) as f:
         docs = [encode_doc(tok, json.loads(line), i) for i, line in enumerate(f) if line.strip()]
     g = torch.Generator().manual_seed(seed)
     while True:
-        chunk = [docs[i] for i in torch.randint(0, len(docs), (batch_size,), generator=g).tolist()]
-        T = max(len(ids) for ids, _ in chunk)
-        ids = torch.zeros(batch_size, T, dtype=torch.long)
-        labels = torch.full((batch_size, T), IGNORE, dtype=torch.long)
-        for b, (x, y) in enumerate(chunk):
-            ids[b, :len(x)], labels[b, :len(y)] = torch.tensor(x), torch.tensor(y)
-        yield ids, labels
+        order = sorted(torch.randperm(len(docs), generator=g).tolist(), key=lambda i: len(docs[i][0]))
+        batches = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+        for j in torch.randperm(len(batches), generator=g).tolist():
+            chunk = [docs[i] for i in batches[j]]
+            T = max(len(ids) for ids, _ in chunk)
+            ids = torch.zeros(batch_size, T, dtype=torch.long)
+            labels = torch.full((batch_size, T), IGNORE, dtype=torch.long)
+            for b, (x, y) in enumerate(chunk):
+                ids[b, :len(x)], labels[b, :len(y)] = torch.tensor(x), torch.tensor(y)
+            yield ids, labels
 
 
 def pretrain_llm(cfg: LlamaConfig, tok: Tokenizer, corpus_file, steps, batch_size, lr, seed, log=None):
