@@ -19,6 +19,7 @@ from . import world
 from .config import LlamaConfig, VisionConfig
 from .image import load_image
 from .llama import Llama
+from .data import collate, tokenize_caption, tokenize_conversation
 from .model import IGNORE, lm_loss_sum
 from .tokenizer import Tokenizer
 from .vision import VisionTransformer
@@ -104,7 +105,6 @@ def encode_doc(tok: Tokenizer, doc, i):
     answer followed by EOS) and half as a prompt reaches owl.generate (one chunk between images up to
     the last "AI: ", whose trailing space is a lone "▁" piece, then the answer and EOS): the two
     differ slightly, in the official code too, and the LLM should know both."""
-    from .data import tokenize_caption, tokenize_conversation
     text = doc["text"]
     if "\nAI: " not in text:
         ids, labels = tokenize_caption(tok, text, 10 ** 6)[:2]
@@ -140,13 +140,9 @@ def lm_batches(tok: Tokenizer, corpus_file, batch_size, seed):
         order = sorted(torch.randperm(len(docs), generator=g).tolist(), key=lambda i: len(docs[i][0]))
         batches = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
         for j in torch.randperm(len(batches), generator=g).tolist():
-            chunk = [docs[i] for i in batches[j]]
-            T = max(len(ids) for ids, _ in chunk)
-            ids = torch.zeros(batch_size, T, dtype=torch.long)
-            labels = torch.full((batch_size, T), IGNORE, dtype=torch.long)
-            for b, (x, y) in enumerate(chunk):
-                ids[b, :len(x)], labels[b, :len(y)] = torch.tensor(x), torch.tensor(y)
-            yield ids, labels
+            batch = collate([{"ids": torch.tensor(docs[i][0]), "labels": torch.tensor(docs[i][1]),
+                              "pixel_values": None} for i in batches[j]])  # train.py's right padding
+            yield batch["input_ids"], batch["labels"]
 
 
 def pretrain_llm(cfg: LlamaConfig, tok: Tokenizer, corpus_file, steps, batch_size, lr, seed, log=None):

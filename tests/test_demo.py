@@ -121,3 +121,27 @@ def test_reduced_demo_end_to_end(tmp_path):
     assert again["accuracy"] == report["accuracy"] and again["per_type"] == report["per_type"]
     # the samples in report.md are rows of the evaluation
     assert all(s["answer"] in {a["answer"] for a in again["answers"]} for s in report["samples"])
+
+
+def test_lm_batches_cover_each_document_once_per_epoch_with_its_neighbours_in_length(tmp_path):
+    """One epoch of the stand-in LLM's batches holds every corpus document once (but the few longest
+    that do not fill a batch), padded after its end, next to documents of about its length."""
+    paths = world.write_world(str(tmp_path), n_train=20, n_test=4, n_text=20, seed=0, questions_per_type=1,
+                              n_corpus=100)
+    tok = owl.Tokenizer(paths["tokenizer"], 21)
+    with open(paths["corpus"]) as f:
+        docs = [demo_pretrain.encode_doc(tok, json.loads(line), i) for i, line in enumerate(f)]
+    B = 8
+    batches = demo_pretrain.lm_batches(tok, paths["corpus"], B, seed=0)
+    seen = []
+    for _ in range(len(docs) // B):
+        ids, labels = next(batches)
+        lengths = (ids != 0).sum(1)  # token 0 (<unk>) is the padding: no document holds it
+        assert lengths.max() - lengths.min() <= 40  # captions (~50 tokens) and chats (~150) apart
+        for x, y, n in zip(ids.tolist(), labels.tolist(), lengths.tolist()):
+            seen.append((tuple(x[:n]), tuple(y[:n])))
+            assert set(y[n:]) <= {-100}
+    left = [(tuple(x), tuple(y)) for x, y in docs]
+    for d in seen:
+        left.remove(d)  # a ValueError if a row is no document, or a document came twice
+    assert len(left) == len(docs) % B and min((len(x) for x, _ in left), default=10 ** 9) >= max(len(x) for x, _ in seen)
