@@ -121,6 +121,11 @@ def test_reduced_demo_end_to_end(tmp_path):
     assert again["accuracy"] == report["accuracy"] and again["per_type"] == report["per_type"]
     # the samples in report.md are rows of the evaluation
     assert all(s["answer"] in {a["answer"] for a in again["answers"]} for s in report["samples"])
+    # bench/llm_lookup_probe.py reads this OUT: every answer of the corpus's conversations is scored once
+    rows = _probe_module().probe(owl.load_llama(os.path.join(out, "llm")), tok, os.path.join(out, "world", "corpus.jsonl"))
+    with open(os.path.join(out, "world", "corpus.jsonl")) as f:
+        docs = [json.loads(line) for line in f][:3000]
+    assert sum(r[1] for r in rows.values()) == sum(d["text"].count("\nAI: ") for d in docs if "\nAI: " in d["text"])
 
 
 def test_lm_batches_cover_each_document_once_per_epoch_with_its_neighbours_in_length(tmp_path):
@@ -145,3 +150,27 @@ def test_lm_batches_cover_each_document_once_per_epoch_with_its_neighbours_in_le
     for d in seen:
         left.remove(d)  # a ValueError if a row is no document, or a document came twice
     assert len(left) == len(docs) % B and min((len(x) for x, _ in left), default=10 ** 9) >= max(len(x) for x, _ in seen)
+
+
+def _probe_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("llm_lookup_probe", os.path.join(ROOT, "bench", "llm_lookup_probe.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_lookup_probe_random_item_chance():
+    probe = _probe_module()
+    s = world.Scene([world.Item("circle", "red", "big", "top left"), world.Item("square", "red", "small", "top right"),
+                     world.Item("circle", "blue", "big", "bottom right")], "cat", "bottom left")
+    note = world.notes(s)
+    assert probe.items_in(note) == [("red", "circle", "top left"), ("red", "square", "top right"),
+                                    ("blue", "circle", "bottom right")]
+    assert probe.random_item(note, "red") == pytest.approx(2 / 3)
+    assert probe.random_item(note, "square") == pytest.approx(1 / 3)
+    assert probe.random_item(note, "bottom right") == pytest.approx(1 / 3)
+    assert probe.random_item(note, "bottom left") == 0.0  # the word's cell holds no shape
+    assert probe.random_item(note, "cat") is None and probe.random_item(note, "yes") is None
+    assert probe.template("Where is the red circle?", "top left") == "Where is the <colour> <shape>?"
+    assert probe.template("Is there a blue square?", "no") == "Is there a <colour> <shape>? (no)"

@@ -1,0 +1,107 @@
+"""Does the demo's stand-in LLM look things up by the question's words? A probe, not a test (issue 5).
+
+  python train.py --demo runs/demo && python bench/llm_lookup_probe.py runs/demo
+
+It reads the pretrained stand-in LLM (OUT/llm) and its training text (OUT/world/corpus.jsonl) and,
+per question template, sets its teacher-forced answer accuracy on its own training conversations
+(the notes in the image slots, as in pretraining) beside what an LLM that ignores the question's key
+words would score: the answer taken from an item of the scene drawn at random (`random_item`).
+Measured on the demo's own LLM (seed 0): "Where is the red circle?" 63% against 63% for a random item,
+"What colour is the shape at the top right?" 74% against 68%, "Is there a red circle?" 0% when the
+answer is no, while "What does the text say?" and "How many shapes are there?" are at 100%: the LLM
+reads the notes, but hardly ever by a word of the question.
+"""
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from owl import world  # noqa: E402
+from owl.checkpoint import load_llama, load_tokenizer  # noqa: E402
+from owl.demo_pretrain import encode_doc  # noqa: E402
+from owl.model import IGNORE  # noqa: E402
+
+
+def items_in(note):
+    """world.notes(scene) -> the scene's shapes as (colour, shape, cell): 5 words per cell."""
+    w = note.split()
+    cells = [w[i:i + 5] for i in range(0, len(w), 5)]
+    return [(what, thing, f"{row} {col}") for row, col, _, what, thing in cells if thing in world.SHAPES]
+
+
+def random_item(note, answer):
+    """The chance that one item of the scene, drawn at random, has the answer as its colour, shape or
+    cell; None when the answer is none of these (counts, words, yes/no, which image)."""
+    items = items_in(note)
+    k = 0 if answer in world.COLOURS else 1 if answer in world.SHAPES else 2 if answer in world.CELLS else None
+    if k is None or not items:
+        return None
+    return sum(it[k] == answer for it in items) / len(items)
+
+
+def template(question, answer):
+    t = re.sub(r"\b(top|bottom) (left|right)\b", "<cell>", question)
+    t = re.sub(r"\b(%s)\b" % "|".join(world.COLOURS), "<colour>", t)
+    t = re.sub(r"\b(%s)\b" % "|".join(world.SHAPES), "<shape>", t)
+    return t + (f" ({answer})" if answer in ("yes", "no") else "")
+
+
+@torch.inference_mode()
+def probe(llm, tok, corpus_file, n_docs=3000):
+    """{template: [answers right, answers, sum of random-item chances, answers with a chance]}."""
+    rows = collections.defaultdict(lambda: [0, 0, 0.0, 0])
+    with open(corpus_file) as f:
+        docs = [json.loads(line) for line, _ in zip(f, range(n_docs))]
+    for doc in docs:
+        if "\nAI: " not in doc["text"]:
+            continue  # a caption
+        ids, labels = encode_doc(tok, doc, 0)  # train.py's tokenisation
+        pred = llm(torch.tensor([ids]))[0].argmax(-1).tolist()
+        spans, cur = [], []  # per answer: was each token (but EOS) the argmax of the position before
+        for p in range(1, len(labels)):
+            if labels[p] != IGNORE:
+                if labels[p] == tok.eos_id:
+                    spans.append(all(cur))
+                    cur = []
+                else:
+                    cur.append(pred[p - 1] == labels[p])
+        qas = [qa for qa in re.findall(r"Human: (.*?)\nAI: (.*?)\n", doc["text"]) if qa[0] != "<image>"]
+        assert len(qas) == len(spans), doc["text"]
+        for (q, a), right in zip(qas, spans):
+            r = rows[template(q, a)]
+            r[0] += right
+            r[1] += 1
+            chance = random_item(doc["notes"][0], a) if len(doc["notes"]) == 1 else None
+            if chance is not None:
+                r[2] += chance
+                r[3] += 1
+    return dict(rows)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out", help="the OUT of a finished `python train.py --demo OUT`")
+    ap.add_argument("--docs", type=int, default=3000, help="corpus documents to read")
+    args = ap.parse_args(argv)
+    llm_dir, corpus = os.path.join(args.out, "llm"), os.path.join(args.out, "world", "corpus.jsonl")
+    for p in (llm_dir, corpus):
+        if not os.path.exists(p):
+            sys.exit(f"error: {p} not found: run `python train.py --demo {args.out}` first")
+    llm = load_llama(llm_dir)
+    tok = load_tokenizer(llm_dir)
+    with open(corpus) as f:  # an image slot holds the notes' words and a full stop
+        tok.image_tokens = len(tok.sp.encode(json.loads(f.readline())["notes"][0])) + 1
+    rows = probe(llm, tok, corpus, args.docs)
+    print("| question (teacher-forced, training conversations) | answers | stand-in LLM | a random item of the scene |")
+    print("|---|---|---|---|")
+    for t, (right, n, chance, m) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
+        print(f"| {t} | {n} | {right / n:.0%} | {f'{chance / m:.0%}' if m else '-'} |")
+
+
+if __name__ == "__main__":
+    main()
