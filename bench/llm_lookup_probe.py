@@ -45,9 +45,9 @@ def random_item(note, answer):
 
 
 def template(question, answer):
-    t = re.sub(r"\b(top|bottom) (left|right)\b", "<cell>", question)
-    t = re.sub(r"\b(%s)\b" % "|".join(world.COLOURS), "<colour>", t)
-    t = re.sub(r"\b(%s)\b" % "|".join(world.SHAPES), "<shape>", t)
+    t = question
+    for words, name in ((world.CELLS, "<cell>"), (world.COLOURS, "<colour>"), (world.SHAPES, "<shape>")):
+        t = re.sub(r"\b(%s)\b" % "|".join(words), name, t)  # the world's own vocabularies
     return t + (f" ({answer})" if answer in ("yes", "no") else "")
 
 
