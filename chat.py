@@ -6,7 +6,7 @@ images, scene text), answer one prompt for a script, or run the OwlEval question
     python chat.py --checkpoint DIR --owleval OWLEVAL_DIR --out answers.jsonl [--html report.html]
 
 The conversation follows the official template; the KV cache is kept between turns, so a new turn
-runs only its new tokens (owl/chat_session.py). Sampling is greedy unless --temperature > 0.
+runs only its new tokens (owl/chat/session.py). Sampling is greedy unless --temperature > 0.
 """
 import argparse
 import contextlib
@@ -18,9 +18,12 @@ import torch
 from tqdm import tqdm
 
 import owl
-from owl.chat_session import ChatError, ChatSession, format_stats
-from owl import owleval as ev
-from owl.owleval import OwlEvalError
+from owl.chat import owleval
+from owl.chat.owleval import OwlEvalError
+from owl.chat.session import ChatError, ChatSession, format_stats
+from owl.lora import adapter_files
+from owl.quant import quantize_int8
+from owl.tokenizer import check_image_count
 
 HELP = """commands:
   /image PATH   attach an image to the next question (repeatable)
@@ -103,27 +106,11 @@ def pick_dtype(name, device):
     return torch.float16 if device.type == "mps" else torch.float32
 
 
-def check_checkpoint(path):
-    """Fail in one line, before any loading starts, if the folder lacks a file the load needs."""
-    if not os.path.isdir(path):
-        raise owl.CheckpointError(f"--checkpoint {path}: no such directory")
-    owl.checkpoint.load_config(path)
-    owl.checkpoint.weight_files(path)
-    if not os.path.isfile(os.path.join(path, "tokenizer.model")):
-        raise owl.CheckpointError(f"{path}: no tokenizer.model")
-
-
 def load(args):
-    """(model, tokenizer), with a progress bar over the load steps on stderr."""
+    """(model, tokenizer), with a progress bar over the weights on stderr."""
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    quantize_int8 = None
-    if args.int8:  # owl/quant.py is optional: say so before loading anything
-        try:
-            from owl.quant import quantize_int8
-        except ImportError as e:
-            raise UsageError(f"--int8: owl.quant is not available in this checkout ({e})") from None
-    model, tok = owl.load_model(args.checkpoint, device=device, dtype=dtype, progress=True)  # a bar on stderr
+    model, tok = owl.load_model(args.checkpoint, device=device, dtype=dtype, progress=True)
     if args.adapter:
         try:
             owl.apply_adapter(model, args.adapter)
@@ -131,7 +118,7 @@ def load(args):
             if isinstance(e, owl.CheckpointError):
                 raise
             raise owl.CheckpointError(f"{args.adapter}: cannot apply the adapter ({e!r})") from None
-    if quantize_int8 is not None:
+    if args.int8:
         quantize_int8(model)
     print(f"loaded {args.checkpoint} on {device} ({str(dtype).replace('torch.', '')})", file=sys.stderr)
     return model.eval(), tok
@@ -252,16 +239,16 @@ def one_shot(session, args, images):
 
 
 def run_owleval(session, args):
-    questions = ev.read_questions(args.owleval)  # checks the folder before anything is written
-    others = ev.read_answers(args.owleval)
+    questions = owleval.read_questions(args.owleval)  # checks the folder before anything is written
+    others = owleval.read_answers(args.owleval)
     model_id = args.model_id or os.path.basename(os.path.normpath(args.checkpoint))
     with tqdm(total=len(questions), desc="OwlEval", unit="question", file=sys.stderr) as bar:
-        records = ev.run(session, args.owleval, questions, model_id, progress=bar.update,
-                         warn=lambda m: bar.write(m, file=sys.stderr))
-    ev.write_jsonl(records, args.out)
+        records = owleval.run(session, args.owleval, questions, model_id, progress=bar.update,
+                              warn=lambda m: bar.write(m, file=sys.stderr))
+    owleval.write_jsonl(records, args.out)
     print(f"wrote {len(records)} answers to {args.out}", file=sys.stderr)
     if args.html:
-        ev.write_html(records, questions, others, args.owleval, args.html, model_id)
+        owleval.write_html(records, questions, others, args.owleval, args.html, model_id)
         print(f"wrote the rating page {args.html}", file=sys.stderr)
     return 0
 
@@ -271,17 +258,21 @@ def main(argv=None):
     if (sys.stdout.encoding or "").lower().replace("-", "") != "utf8":
         sys.stdout.reconfigure(errors="replace")  # never crash printing a character the terminal lacks
     try:
+        if not os.path.isdir(args.checkpoint):  # (owl.load_model checks the rest before reading weights)
+            raise UsageError(f"--checkpoint {args.checkpoint}: no such directory")
         if args.owleval:  # check the folder before spending time on loading
-            ev.read_questions(args.owleval)
-        check_checkpoint(args.checkpoint)
-        if args.adapter and not os.path.isfile(args.adapter):
-            raise owl.CheckpointError(f"--adapter {args.adapter}: no such adapter file")
+            owleval.read_questions(args.owleval)
+        if args.adapter:
+            adapter_files(args.adapter)  # fail before loading the model, too
         images = [owl.load_image(p) for p in args.image]  # raises owl.ImageError naming the file
-        if args.raw_prompt is not None and args.raw_prompt.count(owl.IMAGE) != len(images):
-            raise UsageError(f"--raw-prompt has {args.raw_prompt.count(owl.IMAGE)} {owl.IMAGE} "
-                             f"but {len(images)} --image")
+        if args.raw_prompt is not None:
+            try:
+                check_image_count(args.raw_prompt.count(owl.IMAGE), len(images))
+            except ValueError as e:
+                raise UsageError(f"--raw-prompt: {e} (one --image per {owl.IMAGE})") from None
         model, tok = load(args)
-        session = ChatSession(model, tok, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+        session = ChatSession(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         if args.owleval:
             return run_owleval(session, args)
         if args.prompt is not None or args.raw_prompt is not None:

@@ -4,10 +4,12 @@
   python train.py --stage 2 --init s1 --data llava.json,alpaca.json --out s2
   torchrun --nproc_per_node 8 train.py ...            # data parallel, NCCL on GPUs, gloo on CPUs
   python train.py --check-data --init s1 --data ...   # validate the data, no training
+  python train.py --demo OUT                          # the whole method on a CPU in minutes (owl/demo/)
 
 The loss is the sum of cross-entropy over target tokens divided by the number of target tokens in
 the whole optimizer step (all micro-batches, all processes), so batch B, accumulation and N processes
-give the same update. What each stage trains is owl/train_utils.py; the data formats are owl/data.py.
+give the same update. What each stage trains is owl/train/stages.py; the data formats are
+owl/train/data.py; the saved model and the resumable checkpoint are owl/train/state.py.
 """
 import argparse
 import json
@@ -19,18 +21,22 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import owl
-from owl import train_utils as U
-from owl.abstractor import VisualAbstractor
-from owl.checkpoint import CheckpointError, load_config
 from owl.config import AbstractorConfig, OwlConfig
-from owl.data import DataError, OwlDataset, StepBatches, check_data, collate, load_examples, split_examples
+from owl.demo.run import run_demo
+from owl.image import ImageError
 from owl.lora import apply_lora
-from owl.model import IGNORE, MplugOwl, lm_loss_sum
+from owl.model import MplugOwl, lm_loss_sum
+from owl.tokenizer import IGNORE
+from owl.train.batches import OwlDataset, StepBatches, collate, split_examples
+from owl.train.data import DataError, check_data, training_examples
+from owl.train.parallel import all_sum, peak_mem_gb, precision, setup_processes
+from owl.train.stages import cast_frozen, count_by_module, param_groups, set_dropout, set_trainable, train_mode
+from owl.train.state import export, resume, save_training_state, trim_metrics
+from owl.weights import (CheckpointError, load_config, load_llama, load_owl, load_tokenizer, load_vision,
+                         read_config)
 
 
 class TrainError(ValueError):
@@ -43,7 +49,7 @@ def parse_args(argv):
     p.add_argument("--vision-init", help="stage 1: HF CLIP checkpoint dir (the ViT)")
     p.add_argument("--llm-init", help="stage 1: HF LLaMA checkpoint dir (LLaMA + tokenizer.model)")
     p.add_argument("--init", help="stage 2: an mPLUG-Owl checkpoint dir (stage-1 output or released -pt)")
-    p.add_argument("--data", help="data files, comma-separated (formats: owl/data.py)")
+    p.add_argument("--data", help="data files, comma-separated (formats: owl/train/data.py)")
     p.add_argument("--out", help="output dir: final model, checkpoint/, metrics.jsonl")
     p.add_argument("--max-steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=4, help="per process, per micro-step")
@@ -80,288 +86,262 @@ def parse_args(argv):
     p.add_argument("--abstractor-heads", type=int, default=16)
     p.add_argument("--abstractor-mlp", "--abstractor-intermediate", type=int, default=2816)
     p.add_argument("--check-data", action="store_true", help="validate --data and exit")
-    p.add_argument("--demo", metavar="OUT", help="run the tiny two-stage demo (owl/demo.py) into OUT")
+    p.add_argument("--demo", metavar="OUT", help="run the tiny two-stage demo (owl/demo/) into OUT")
     p.add_argument("--ablation", action="store_true", help="with --demo: the paper's ablation rows too")
-    a = p.parse_args(argv)
-    a.lr = a.lr if a.lr is not None else (1e-4 if a.stage == 1 else 2e-5)
-    a.min_lr = a.min_lr if a.min_lr is not None else a.lr / 10
-    a.warmup_steps = a.warmup_steps if a.warmup_steps is not None else round(0.04 * a.max_steps)
-    return a
+    args = p.parse_args(argv)
+    args.lr = args.lr if args.lr is not None else (1e-4 if args.stage == 1 else 2e-5)
+    args.min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
+    args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else round(0.04 * args.max_steps)
+    return args
 
 
-def get_lr(step, a):  # nanoGPT's schedule
+def get_lr(step, args):  # nanoGPT's schedule
     # 1) linear warm-up for warmup_steps steps
-    if step < a.warmup_steps:
-        return a.lr * (step + 1) / (a.warmup_steps + 1)
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / (args.warmup_steps + 1)
     # 2) past max_steps (only when a run is extended): the floor
-    if step > a.max_steps:
-        return a.min_lr
+    if step > args.max_steps:
+        return args.min_lr
     # 3) in between, cosine decay from lr down to min_lr
-    ratio = (step - a.warmup_steps) / max(1, a.max_steps - a.warmup_steps)
-    return a.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (a.lr - a.min_lr)
+    ratio = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.lr - args.min_lr)
 
 
-# ----------------------------------------------------------------------------- model
+# ----------------------------------------------------------------------------- data and model
 
-def build_stage1(a):
+def data_setup(args):
+    """(tokenizer, max_length, config or None) from the configs alone (no weights read): the run's one
+    tokenizer, for --check-data and training. The config is --init's (stage 2)."""
+    if args.stage == 2 or (args.stage is None and args.init):
+        if not args.init:
+            raise TrainError("--stage 2 needs --init OWL_DIR (a stage-1 output or a released checkpoint)")
+        cfg = load_config(args.init)
+        tok, ctx = load_tokenizer(args.init, cfg.image_tokens), cfg.text_config.max_position_embeddings
+    else:
+        if not args.llm_init:
+            raise TrainError("--stage 1 needs --llm-init LLAMA_DIR")
+        cfg, tok = None, load_tokenizer(args.llm_init, args.num_queries + 1)
+        ctx = read_config(args.llm_init).get("max_position_embeddings", 2048)
+    if not args.data:
+        raise TrainError("--data FILE[,FILE...] is required")
+    return tok, args.max_length or ctx, cfg
+
+
+def build_stage1(args):
     """ViT from HF CLIP, LLaMA from HF LLaMA, a fresh abstractor and query tokens."""
-    if not (a.vision_init and a.llm_init):
+    if not (args.vision_init and args.llm_init):
         raise TrainError("--stage 1 needs --vision-init CLIP_DIR and --llm-init LLAMA_DIR")
     # The official model runs its ViT with LayerNorm eps 1e-6 although CLIP was trained with 1e-5; it
     # was initialised from CLIP and trained with 1e-6, so we do the same (the outputs at init differ
     # by ~1e-6 relative; the saved config then matches the released one).
-    vit = owl.load_vision(a.vision_init, layer_norm_eps=1e-6)
-    llm = owl.load_llama(a.llm_init)
+    vit = load_vision(args.vision_init, layer_norm_eps=1e-6)
+    llm = load_llama(args.llm_init)
     width = vit.config.hidden_size  # keys/values concatenate the queries with the ViT tokens: same width
-    if a.abstractor_hidden not in (None, width):
-        raise TrainError(f"--abstractor-hidden {a.abstractor_hidden} must equal the ViT width {width}")
-    a.abstractor_hidden = width
-    if width % a.abstractor_heads:
-        raise TrainError(f"--abstractor-heads {a.abstractor_heads} does not divide the width {width}")
-    acfg = AbstractorConfig(hidden_size=a.abstractor_hidden, intermediate_size=a.abstractor_mlp,
-                            num_hidden_layers=a.abstractor_layers, num_attention_heads=a.abstractor_heads,
-                            encoder_hidden_size=vit.config.hidden_size)
-    cfg = OwlConfig(vit.config, acfg, llm.config, num_query_tokens=a.num_queries)
-    with torch.device("meta"):
-        model = MplugOwl(cfg)
-    model.vision_model, model.language_model = vit, llm
-    torch.manual_seed(a.seed)  # the same fresh abstractor on every rank
-    model.abstractor = VisualAbstractor(acfg, llm.config.hidden_size)
-    model.abstractor.init_weights()
-    model.query_tokens = nn.Parameter(torch.empty(1, a.num_queries, a.abstractor_hidden).normal_(std=0.02))
-    return model, owl.load_tokenizer(a.llm_init, cfg.image_tokens).model_file
+    if args.abstractor_hidden not in (None, width):
+        raise TrainError(f"--abstractor-hidden {args.abstractor_hidden} must equal the ViT width {width}")
+    if width % args.abstractor_heads:
+        raise TrainError(f"--abstractor-heads {args.abstractor_heads} does not divide the width {width}")
+    abstractor = AbstractorConfig(hidden_size=width, intermediate_size=args.abstractor_mlp,
+                                  num_hidden_layers=args.abstractor_layers, num_attention_heads=args.abstractor_heads,
+                                  encoder_hidden_size=width)
+    cfg = OwlConfig(vit.config, abstractor, llm.config, num_query_tokens=args.num_queries)
+    torch.manual_seed(args.seed)  # the same fresh abstractor on every rank
+    model = MplugOwl(cfg, vision_model=vit, language_model=llm)
+    model.init_abstractor()
+    return model
 
 
-def build_model(a):
-    if a.stage == 1:
-        model, tok_file = build_stage1(a)
+def build_model(args, cfg=None):
+    if args.stage == 1:
+        model = build_stage1(args)
     else:
-        if not a.init:
-            raise TrainError("--stage 2 needs --init OWL_DIR (a stage-1 output or a released checkpoint)")
-        model, tok = owl.load_model(a.init)
-        tok_file = tok.model_file
-        torch.manual_seed(a.seed)  # the same LoRA init on every rank
-        apply_lora(model.language_model, tuple(a.lora_targets.split(",")), a.lora_r, a.lora_alpha, a.lora_dropout)
-    if a.dropout is not None:
-        U.set_dropout(model, a.dropout)
-    model.vision_model.grad_checkpointing = model.language_model.grad_checkpointing = a.grad_checkpointing
-    U.set_trainable(model, a.stage, train_abstractor=not a.freeze_abstractor)
-    return model, owl.Tokenizer(tok_file, model.config.image_tokens)
-
-
-class StepModel(nn.Module):
-    """One forward for DDP: (sum of target-token CE, count). Frozen boxes run under no_grad."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, pixel_values, labels):
-        m, embeds = self.model, None
-        if pixel_values is not None:
-            vit_frozen = not any(p.requires_grad for p in m.vision_model.parameters())
-            fk_frozen = not m.query_tokens.requires_grad and not any(p.requires_grad for p in m.abstractor.parameters())
-            with torch.no_grad() if vit_frozen else nullcontext():
-                feats = m.vision_model(pixel_values)  # (N, 257, 1024)
-            with torch.no_grad() if vit_frozen and fk_frozen else nullcontext():
-                embeds = m.abstractor(m.query_tokens.expand(feats.shape[0], -1, -1), feats)  # (N, 65, 4096)
-        return lm_loss_sum(m(input_ids, image_embeds=embeds), labels)
-
-
-# ----------------------------------------------------------------------------- data
-
-def data_setup(a):
-    """(tokenizer, max_length) from the configs alone (no weights read): for --check-data and training."""
-    if a.stage == 2 or (a.stage is None and a.init):
-        if not a.init:
-            raise TrainError("--stage 2 needs --init OWL_DIR")
-        cfg = load_config(a.init)
-        tok, ctx = owl.load_tokenizer(a.init, cfg.image_tokens), cfg.text_config.max_position_embeddings
-    else:
-        if not a.llm_init:
-            raise TrainError("--stage 1 needs --llm-init LLAMA_DIR")
-        tok = owl.load_tokenizer(a.llm_init, a.num_queries + 1)
-        ctx = owl.checkpoint.read_config(a.llm_init).get("max_position_embeddings", 2048)
-    if not a.data:
-        raise TrainError("--data FILE[,FILE...] is required")
-    return tok, a.max_length or ctx
+        model = load_owl(args.init, cfg)
+        torch.manual_seed(args.seed)  # the same LoRA init on every rank
+        apply_lora(model.language_model, tuple(args.lora_targets.split(",")), args.lora_r, args.lora_alpha,
+                   args.lora_dropout)
+    if args.dropout is not None:
+        set_dropout(model, args.dropout)
+    model.vision_model.grad_checkpointing = model.language_model.grad_checkpointing = args.grad_checkpointing
+    set_trainable(model, args.stage, train_abstractor=not args.freeze_abstractor)
+    return model
 
 
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
-    """Parse argv, run, and return the output directory (stage 1/2) or None (--check-data)."""
-    a = parse_args(argv)
-    if a.demo:
-        from owl.demo import run_demo
-        return run_demo(a.demo, ablation=a.ablation)
-    if a.check_data:
-        tok, max_length = data_setup(a)
-        check_data(a.data.split(","), tok, max_length, a.image_root)
+    """Parse argv, run, and return the output directory (stage 1/2, --demo) or None (--check-data)."""
+    args = parse_args(argv)
+    if args.demo:
+        return run_demo(args.demo, main, ablation=args.ablation)  # the demo trains through this very main
+    if args.check_data:
+        tok, max_length, _ = data_setup(args)
+        check_data(args.data.split(","), tok, max_length, args.image_root)
         return None
-    if a.stage is None or not a.out:
+    if args.stage is None or not args.out:
         raise TrainError("--stage 1|2 and --out DIR are required")
-    ckpt_dir = os.path.join(a.out, "checkpoint")
-    if os.path.isdir(ckpt_dir) and not a.resume:
+    ckpt_dir = os.path.join(args.out, "checkpoint")
+    if os.path.isdir(ckpt_dir) and not args.resume:
         raise TrainError(f"{ckpt_dir} exists: pass --resume to continue it, or choose another --out")
-    if a.resume and not os.path.isdir(ckpt_dir):
+    if args.resume and not os.path.isdir(ckpt_dir):
         raise TrainError(f"--resume: {ckpt_dir} does not exist")
     try:
-        return train(a, ckpt_dir)
+        return train(args, ckpt_dir)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def train(a, ckpt_dir):
-    rank, world, device = U.setup(a)
+def train(args, ckpt_dir):
+    rank, world, device = setup_processes(args.device)
     master = rank == 0
     log = (lambda *x: print(*x, flush=True)) if master else (lambda *x: None)
-
-    # data: every example tokenised up front; bad ones skipped and counted
-    tok, max_length = data_setup(a)
-    examples, st = load_examples(a.data.split(","), tok, max_length, a.image_root)
-    log(st.report())
-    n_all = sum(st.formats.values())
-    if n_all and st.bad_examples / n_all > a.max_bad_fraction:
-        raise DataError(f"{st.bad_examples} of {n_all} examples have missing images, more than --max-bad-fraction "
-                        f"{a.max_bad_fraction} (first: {', '.join(st.missing[:3])})")
-    train_ex, eval_ex = split_examples(examples, a)
+    tok, max_length, cfg = data_setup(args)  # data first: its errors come before any weight is read
+    examples = training_examples(args.data.split(","), tok, max_length, image_root=args.image_root,
+                                 max_bad_fraction=args.max_bad_fraction, log=log)
+    n_eval = args.eval_examples if args.eval_examples is not None else min(200, len(examples) // 50)
+    train_ex, eval_ex = split_examples(examples, n_eval if args.eval_every else 0, args.seed)
     if not train_ex:
-        raise DataError(f"no usable training example in {a.data}")
+        raise DataError(f"no usable training example in {args.data}")
 
     # model: frozen parts in the compute dtype, trainable ones fp32
-    model, tok = build_model(a)
-    dtype, autocast, scaler = U.precision(a, device)
-    U.cast_frozen(model, dtype)
-    model.to(device).train()
-    if a.stage == 2:
-        model.vision_model.eval()  # frozen: no dropout
-    for name, (t, n) in U.count_by_module(model).items():
+    model = build_model(args, cfg)
+    dtype, autocast, scaler = precision(args.precision, device)
+    cast_frozen(model, dtype)
+    model.to(device)
+    train_mode(model, args.stage)
+    for name, (t, n) in count_by_module(model).items():
         log(f"{name:16s} trainable {t:>13,d} of {n:>13,d}")
     params = [p for p in model.parameters() if p.requires_grad]
-    vision_scale = a.vision_lr / a.lr if a.vision_lr is not None else 1.0
-    opt = torch.optim.AdamW(U.param_groups(model, a.weight_decay, vision_scale), lr=a.lr, betas=(0.9, 0.98), eps=1e-8)
-    step_model = StepModel(model)
+    vision_scale = args.vision_lr / args.lr if args.vision_lr is not None else 1.0
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay, vision_scale), lr=args.lr, betas=(0.9, 0.98),
+                            eps=1e-8)
+    ddp = model
     if world > 1:  # find_unused: a text-only micro-batch leaves the ViT/abstractor without gradient
-        step_model = DDP(step_model, device_ids=[device.index] if device.type == "cuda" else None,
-                         find_unused_parameters=True)
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
+    torch.manual_seed(args.seed + rank)  # dropout differs per rank
     start = 0
-    torch.manual_seed(a.seed + rank)  # dropout differs per rank
-    if a.resume:
-        state = U.load_checkpoint(ckpt_dir, model)
-        opt.load_state_dict(state["optimizer"])
-        if scaler and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        start = state["step"]
-        was = (len(state["rng"]), state["args"]["batch_size"], state["args"]["grad_accum"])
-        if was == (world, a.batch_size, a.grad_accum):
-            U.set_rng_state(state["rng"][rank])
-        else:  # it continues, but not exactly as the first run would have
-            log(f"warning: (processes, batch, accumulation) were {was}, now {(world, a.batch_size, a.grad_accum)}: "
-                f"the data order and RNG streams differ from an uninterrupted run")
-        log(f"resumed from {ckpt_dir} at step {start}")
+    if args.resume:
+        start = resume(ckpt_dir, model, opt, scaler, rank=rank, world=world, batch_size=args.batch_size,
+                       grad_accum=args.grad_accum, log=log)
     if master:
-        os.makedirs(a.out, exist_ok=True)
-        U.trim_metrics(os.path.join(a.out, "metrics.jsonl"), start)
+        os.makedirs(args.out, exist_ok=True)
+        trim_metrics(os.path.join(args.out, "metrics.jsonl"), start)
 
+    sampler = StepBatches(len(train_ex), batch_size=args.batch_size, grad_accum=args.grad_accum,
+                          max_steps=args.max_steps, seed=args.seed, rank=rank, world=world, start_step=start)
+    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
     dataset = OwlDataset(train_ex, model.config.vision_config.image_size)
-    workers = a.workers if a.workers is not None else (4 if device.type == "cuda" else 0)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=StepBatches(len(dataset), a, rank, world, start),
-                                         collate_fn=collate, num_workers=workers,
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                                          generator=torch.Generator())  # leaves the global RNG alone
     batches = iter(loader)
-    bar = tqdm(range(start, a.max_steps), initial=start, total=a.max_steps, disable=not master, dynamic_ncols=True)
+    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master,
+               dynamic_ncols=True)
     bad_seen, seen = 0, 0
     for step in bar:
         t0 = time.time()
-        lr = get_lr(step, a)
+        lr = get_lr(step, args)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        micro = [next(batches) for _ in range(a.grad_accum)]
+        micro = [next(batches) for _ in range(args.grad_accum)]
         for mb in micro:
             bad_seen, seen = bad_seen + len(mb["bad"]), seen + len(mb["bad"]) + len(mb["input_ids"])
             for msg in mb["bad"]:
                 log(f"skipped (bad image): {msg}")
-        if bad_seen / max(seen, 1) > a.max_bad_fraction and seen >= 20:
+        if bad_seen / max(seen, 1) > args.max_bad_fraction and seen >= 20:
             raise DataError(f"{bad_seen} of {seen} examples had unreadable images (> --max-bad-fraction)")
-        # the loss is normalised by the target tokens of the whole step, over micro-batches and processes
-        n_tgt = U.all_sum(sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro), world, device)
-        loss_sum = 0.0
-        for m, mb in enumerate(micro):
-            # DDP all-reduces gradients in backward; only the last micro-step needs it (nanoGPT)
-            sync = world == 1 or m == len(micro) - 1
-            with nullcontext() if sync else step_model.no_sync():
-                with autocast:
-                    ls, _ = step_model(mb["input_ids"].to(device), None if mb["pixel_values"] is None
-                                       else mb["pixel_values"].to(device), mb["labels"].to(device))
-                loss = ls * world / max(n_tgt, 1)  # DDP averages over the world: undo it
-                (scaler.scale(loss) if scaler else loss).backward()
-            loss_sum += ls.item()
-        loss = U.all_sum(loss_sum, world, device) / max(n_tgt, 1)
+        loss = train_step(ddp, opt, scaler, micro, params, world=world, device=device, autocast=autocast,
+                          grad_clip=args.grad_clip)
         if not math.isfinite(loss):
             raise TrainError(f"step {step + 1}: the loss is {loss}; stopped (the last saved checkpoint, "
                              f"if any, is intact in {ckpt_dir})")
-        for p in params:  # parameters no micro-batch used (e.g. the abstractor on text-only data)
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if scaler:
-            scaler.unscale_(opt)
-        if a.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
-        if scaler:
-            scaler.step(opt)  # skipped by the scaler when fp16 gradients overflowed
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
 
         done = step + 1
         tokens = sum(mb["input_ids"].numel() for mb in micro) * world
         tps = tokens / max(time.time() - t0, 1e-9)  # padded tokens, image slots included
         record = {"step": done, "loss": loss, "lr": lr, "tokens": tokens, "tok_per_s": round(tps, 1),
-                  "peak_mem_gb": round(U.peak_mem_gb(device), 3)}
-        if a.eval_every and eval_ex and (done % a.eval_every == 0 or done == a.max_steps):
-            record["eval_loss"] = evaluate(model, eval_ex, a, rank, world, device, autocast)
+                  "peak_mem_gb": round(peak_mem_gb(device), 3)}
+        if args.eval_every and eval_ex and (done % args.eval_every == 0 or done == args.max_steps):
+            record["eval_loss"] = evaluate(model, eval_ex, batch_size=args.batch_size, stage=args.stage, rank=rank,
+                                           world=world, device=device, autocast=autocast)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}", mem=f"{record['peak_mem_gb']:.2f}G")
         if master:
-            with open(os.path.join(a.out, "metrics.jsonl"), "a") as f:
+            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
-        if (a.save_every and done % a.save_every == 0) or done in (a.max_steps, a.stop_at):
-            U.save_training_state(ckpt_dir, model, opt, scaler, done, a, world, master)
-        if done == a.stop_at:
+        if (args.save_every and done % args.save_every == 0) or done in (args.max_steps, args.stop_at):
+            save_training_state(ckpt_dir, model, opt, scaler, step=done, args=vars(args), world=world, master=master)
+        if done == args.stop_at:
             break
     bar.close()
-    if a.stop_at and a.stop_at < a.max_steps:
-        return a.out  # no export: --resume continues
+    if args.stop_at and args.stop_at < args.max_steps:
+        return args.out  # no export: --resume continues
     if master:
-        U.export(model, tok, a, dtype)
+        lora = (dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                     targets=args.lora_targets.split(",")) if args.stage == 2 else None)
+        export(model, args.out, tokenizer_file=tok.model_file, lora=lora, base=args.init,
+               save_dtype=getattr(torch, args.save_dtype) if args.save_dtype else dtype)
     if world > 1:
         dist.barrier()
-    return a.out
+    return args.out
 
 
-def evaluate(model, examples, a, rank, world, device, autocast):
+def train_step(model, opt, scaler, micro, params, *, world, device, autocast, grad_clip):
+    """One optimizer step over the micro-batches; returns the loss per target token of the step. A
+    non-finite loss returns before the update, the weights untouched (the caller stops)."""
+    # the loss is normalised by the target tokens of the whole step, over micro-batches and processes
+    n_tgt = all_sum(sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro), world, device)
+    loss_sum = 0.0
+    for m, mb in enumerate(micro):
+        # DDP all-reduces gradients in backward; only the last micro-step needs it (nanoGPT)
+        sync = world == 1 or m == len(micro) - 1
+        with nullcontext() if sync else model.no_sync():
+            with autocast:
+                pixels = None if mb["pixel_values"] is None else mb["pixel_values"].to(device)
+                ls, _ = lm_loss_sum(model(mb["input_ids"].to(device), pixels), mb["labels"].to(device))
+            loss = ls * world / max(n_tgt, 1)  # DDP averages over the world: undo it
+            (scaler.scale(loss) if scaler else loss).backward()
+        loss_sum += ls.item()
+    loss = all_sum(loss_sum, world, device) / max(n_tgt, 1)
+    if not math.isfinite(loss):
+        opt.zero_grad(set_to_none=True)
+        return loss
+    # A parameter no micro-batch used (the abstractor on text-only data) has no gradient; a zero one
+    # makes this process step it exactly as DDP does after all-reducing zeros (weight decay, Adam's
+    # moments), so one process and several stay identical.
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if scaler:
+        scaler.unscale_(opt)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if scaler:
+        scaler.step(opt)  # skipped by the scaler when fp16 gradients overflowed
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def evaluate(model, examples, *, batch_size, stage, rank, world, device, autocast):
     """Mean target-token loss over the held-out examples (sharded over the ranks)."""
     ds, total, count = OwlDataset(examples, model.config.vision_config.image_size), 0.0, 0
     mine = list(range(rank, len(ds), world))
     model.eval()
     with torch.no_grad(), autocast:
-        for i in range(0, len(mine), a.batch_size):
-            b = collate([ds[j] for j in mine[i:i + a.batch_size]])
+        for i in range(0, len(mine), batch_size):
+            b = collate([ds[j] for j in mine[i:i + batch_size]])
             px = None if b["pixel_values"] is None else b["pixel_values"].to(device)
             ls, n = lm_loss_sum(model(b["input_ids"].to(device), px), b["labels"].to(device))
             total, count = total + ls.item(), count + n
-    model.train()
-    if a.stage == 2:
-        model.vision_model.eval()
-    return U.all_sum(total, world, device) / max(U.all_sum(count, world, device), 1)
+    train_mode(model, stage)
+    return all_sum(total, world, device) / max(all_sum(count, world, device), 1)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (TrainError, DataError, CheckpointError, owl.ImageError, FileNotFoundError, FileExistsError) as e:
+    except (TrainError, DataError, CheckpointError, ImageError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -4,7 +4,7 @@
   python bench/bench_train.py --preset owl-7b      # 7B-shaped, random weights, bf16, grad checkpointing (CUDA)
 
 It builds the model from a preset with random weights (no checkpoint needed), freezes it as train.py
-does (owl/train_utils.set_trainable), and times forward + backward + AdamW on synthetic batches:
+does (owl/train/stages.py), and times forward + backward + AdamW on synthetic batches:
 stage 1 = one image + a caption per row, stage 2 = one image + a long instruction per row.
 Peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU the process's peak RSS (coarse:
 it includes the Python runtime and everything allocated before).
@@ -18,10 +18,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import owl  # noqa: E402
-from owl import train_utils as U  # noqa: E402
 from owl.lora import apply_lora  # noqa: E402
-from owl.model import IGNORE  # noqa: E402
-from train import StepModel  # noqa: E402
+from owl.model import lm_loss_sum  # noqa: E402
+from owl.tokenizer import IGNORE, IMAGE_SLOT  # noqa: E402
+from owl.train.stages import cast_frozen, param_groups, set_trainable, train_mode  # noqa: E402
+from train import peak_mem_gb  # noqa: E402
 
 
 def build(preset, stage, device, dtype, grad_ckpt):
@@ -33,12 +34,10 @@ def build(preset, stage, device, dtype, grad_ckpt):
     model.init_weights()
     if stage == 2:
         apply_lora(model.language_model, ("q_proj", "v_proj"), 8, 32, 0.0)
-    U.set_trainable(model, stage)
-    U.cast_frozen(model, dtype)
+    set_trainable(model, stage)
+    cast_frozen(model, dtype)
     model.vision_model.grad_checkpointing = model.language_model.grad_checkpointing = grad_ckpt
-    model.train()
-    if stage == 2:
-        model.vision_model.eval()
+    train_mode(model, stage)
     return model
 
 
@@ -46,7 +45,7 @@ def batch(cfg, B, T, device):
     """B rows of T tokens, each with one image at positions 1..65; loss on the text after the image."""
     n = cfg.image_tokens
     ids = torch.randint(3, cfg.text_config.vocab_size, (B, T), device=device)
-    ids[:, 1:1 + n] = -1
+    ids[:, 1:1 + n] = IMAGE_SLOT
     labels = ids.clone()
     labels[:, :1 + n] = IGNORE
     px = torch.randn(B, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, device=device)
@@ -57,8 +56,7 @@ def bench(preset, stage, B, T, steps, device, precision):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast("cpu", enabled=False)
     model = build(preset, stage, device, dtype, grad_ckpt=device.type == "cuda")
-    step = StepModel(model)
-    opt = torch.optim.AdamW(U.param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.98))
     ids, px, labels = batch(model.config, B, T, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -66,7 +64,7 @@ def bench(preset, stage, B, T, steps, device, precision):
     for i in range(steps + 2):  # two warm-up steps (lazy kernel set-up)
         t0 = time.perf_counter()
         with autocast:
-            loss, n = step(ids, px, labels)
+            loss, n = lm_loss_sum(model(ids, px), labels)
         (loss / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -76,7 +74,7 @@ def bench(preset, stage, B, T, steps, device, precision):
     dt = sorted(times[2:])[steps // 2]  # the median: a shared machine adds outliers
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"stage": stage, "preset": preset, "batch": B, "seq": T, "trainable": trainable,
-            "step_s": dt, "tok_per_s": B * T / dt, "peak_mem_gb": U.peak_mem_gb(device)}
+            "step_s": dt, "tok_per_s": B * T / dt, "peak_mem_gb": peak_mem_gb(device)}
 
 
 def main():

@@ -1,4 +1,4 @@
-"""Speed and memory of owl, side by side with HF transformers (issue 6). A benchmark, not a test.
+"""Speed and memory of owl, side by side with HF transformers. A benchmark, not a test.
 
   python bench/run.py                                  # CPU, fp32, 2 threads (1 when busy), 57M LLaMA (< 5 min)
   python bench/run.py --device cuda --dtype bf16 --shape 7b [--compile]    # a GPU, 7B-shaped weights
@@ -42,9 +42,9 @@ PROMPT, NEW, BATCH = 64, 128, 8
 
 def owl_decode(model, ids, pad_mask=None, decode=decode_one_token):  # ids (B, T)
     B, T = ids.shape
-    model.language_model.setup_caches(B, T + NEW, dtype=model.language_model.model.embed_tokens.weight.dtype)
+    model.language_model.setup_caches(B, T + NEW)
     try:
-        return generate_tokens(model, ids, None, NEW, 0, pad_mask, eos_id=-1, decode=decode)
+        return generate_tokens(model, ids, max_new_tokens=NEW, pad_mask=pad_mask, eos_id=-1, decode=decode)
     finally:
         model.language_model.reset_caches()
 
@@ -118,7 +118,7 @@ def chat_memory_row(model, device, context=2048):
                      device=device, dtype=model.query_tokens.dtype)
     model.language_model.setup_caches(1, context)
     try:
-        generate_tokens(model, ids, model.encode_images(px), 16, eos_id=-1)
+        generate_tokens(model, ids, model.encode_images(px), max_new_tokens=16, eos_id=-1)
     finally:
         model.language_model.reset_caches()
     gb = torch.cuda.max_memory_allocated(device) / 2 ** 30

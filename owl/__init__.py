@@ -3,20 +3,19 @@
   vision.py      fV, the CLIP ViT-L/14            (official MplugOwlVisionModel)
   abstractor.py  fK, the visual abstractor        (official MplugOwlVisualAbstractorModel)
   llama.py       fL, LLaMA with a KV cache        (HF LlamaForCausalLM)
-  lora.py        LoRA for stage 2                 (peft / loralib)
+  lora.py        LoRA for stage 2, adapter files  (peft / loralib)
   model.py       fV -> fK -> fL, image tokens spliced into the text (MplugOwlForConditionalGeneration)
-and around them: config.py, tokenizer.py (prompt template), image.py, generate.py, checkpoint.py,
-convert.py (.bin -> safetensors), quant.py (int8); chat_session.py and owleval.py (chat.py's engine);
-data.py and train_utils.py (train.py's); world.py, demo_pretrain.py, demo.py, demo_report.py (the demo).
+and what they need: config.py, tokenizer.py (the prompt template), image.py, generate.py, quant.py
+(int8), weights.py (checked key maps, loading, saving) and convert.py (.bin -> safetensors).
+The wings serve one script each: owl/train/ (train.py), owl/chat/ (chat.py), owl/demo/ (the demo).
 """
 from .config import OwlConfig, VisionConfig, AbstractorConfig, LlamaConfig, PRESETS, preset
 from .model import MplugOwl
 from .tokenizer import Tokenizer, build_prompt, SYSTEM, IMAGE
 from .image import preprocess_image, load_image, ImageError
 from .generate import generate
-from .checkpoint import (load_model, load_vision, load_llama, load_tokenizer, save_model, apply_adapter,
-                         CheckpointError)
-from .lora import LoRALinear, apply_lora, merge_lora
+from .weights import load_model, load_vision, load_llama, load_tokenizer, save_model, CheckpointError
+from .lora import LoRALinear, apply_lora, merge_lora, apply_adapter
 
 __all__ = ["OwlConfig", "VisionConfig", "AbstractorConfig", "LlamaConfig", "PRESETS", "preset", "MplugOwl",
            "Tokenizer", "build_prompt", "SYSTEM", "IMAGE", "preprocess_image", "load_image", "ImageError",

@@ -80,7 +80,7 @@ class CrossAttention(nn.Module):  # official ...VisualAbstractorAttention
         return self.output(self.attention(q, kv), q)  # (B, Q, C)
 
 
-class AbstractorLayer(nn.Module):
+class AbstractorLayer(nn.Module):  # a pass-through kept for the key names: encoder.layers.{i}.crossattention.*
     def __init__(self, cfg: AbstractorConfig):
         super().__init__()
         self.crossattention = CrossAttention(cfg)
@@ -89,7 +89,7 @@ class AbstractorLayer(nn.Module):
         return self.crossattention(queries, image)
 
 
-class AbstractorEncoder(nn.Module):
+class AbstractorEncoder(nn.Module):  # holds `layers` so the names read encoder.layers.{i} (as the official ones)
     def __init__(self, cfg: AbstractorConfig):
         super().__init__()
         self.layers = nn.ModuleList(AbstractorLayer(cfg) for _ in range(cfg.num_hidden_layers))

@@ -5,6 +5,7 @@ abstractor, and raw LLaMA-7B. The field names follow the official `config.json`
 (`vision_config`, `visual_abstractor_config`, `text_config`, `num_query_tokens`) so a released
 checkpoint's config fills these dataclasses directly, and `to_official_dict` writes one back.
 """
+import copy
 from dataclasses import dataclass, field, asdict, fields
 
 
@@ -76,8 +77,8 @@ class OwlConfig:
                           ("text_config", LlamaConfig)):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, from_dict(cls, getattr(self, name)))
-        a, v = self.visual_abstractor_config, self.vision_config
-        assert a.encoder_hidden_size == v.hidden_size, "abstractor.encoder_hidden_size must equal the ViT width"
+        fk, fv = self.visual_abstractor_config, self.vision_config
+        assert fk.encoder_hidden_size == fv.hidden_size, "abstractor.encoder_hidden_size must equal the ViT width"
 
     @property
     def image_tokens(self):  # positions one <image> takes in the LLM input: queries + the end token
@@ -134,7 +135,6 @@ PRESETS = {
 
 def preset(name):
     """A fresh copy of a preset config (the dict holds shared instances)."""
-    import copy
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     return copy.deepcopy(PRESETS[name])

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, IGNORED, atomic_dir, check_keys, load_config
+from .weights import CheckpointError, IGNORED, atomic_dir, check_keys, load_config
 from .model import MplugOwl
 
 

@@ -35,19 +35,20 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):  # logi
 
 @torch.inference_mode()
 def prefill(model, input_ids, image_embeds=None, start_pos=0, pad_mask=None, position_ids=None):
-    """Run the prompt (B, T) through the model, filling the KV cache; next-token logits (B, vocab)."""
-    x = model.embed(input_ids, image_embeds)  # (B, T, C)
-    return model.language_model(inputs_embeds=x, start_pos=start_pos, pad_mask=pad_mask,
-                                position_ids=position_ids, last_only=True)[:, -1]
+    """Run the prompt (B, T) through the model's forward, filling the KV cache; next-token logits
+    (B, vocab). `model` is an MplugOwl (image_embeds go into the image slots) or a bare Llama (text)."""
+    images = {} if image_embeds is None else {"image_embeds": image_embeds}
+    return model(input_ids, **images, start_pos=start_pos, pad_mask=pad_mask, position_ids=position_ids,
+                 last_only=True)[:, -1]
 
 
 def decode_one_token(model, token, pos, pad_mask=None, position_ids=None):  # token (B,)
-    return model.language_model(token[:, None], start_pos=pos, pad_mask=pad_mask,
-                                position_ids=position_ids)[:, -1]  # (B, vocab)
+    llm = getattr(model, "language_model", model)  # a new token is text: the LLM alone
+    return llm(token[:, None], start_pos=pos, pad_mask=pad_mask, position_ids=position_ids)[:, -1]  # (B, vocab)
 
 
 @torch.inference_mode()
-def generate_tokens(model, input_ids, image_embeds=None, max_new_tokens=64, start_pos=0, pad_mask=None,
+def generate_tokens(model, input_ids, image_embeds=None, *, max_new_tokens=64, start_pos=0, pad_mask=None,
                     temperature=0.0, top_k=0, top_p=1.0, generator=None, eos_id=2, stream=None,
                     decode=decode_one_token):
     """Generate after input_ids (B, T) with the caches already set up (positions < start_pos cached).
@@ -88,31 +89,30 @@ def compiled_decode_one_token():
     return torch.compile(decode_one_token, dynamic=True)
 
 
+def visual_tokens(model, images):
+    """The visual tokens (N, image_tokens, C) of N PIL images: preprocessing, then MplugOwl.encode_images."""
+    size = model.config.vision_config.image_size
+    pixels = torch.stack([preprocess_image(im, size) for im in images])  # (N, 3, H, W)
+    return model.encode_images(pixels.to(model.query_tokens.device))  # the ViT casts to its own dtype
+
+
 def encode_batch(model, tokenizer, prompts, images, image_embeds=None):
     """Token ids (left-padded), the padding mask (or None) and the visual tokens of all images
-    (image_embeds (N, image_tokens, C), when given, stand for the images' visual tokens)."""
+    (image_embeds (N, image_tokens, C), when given, stand for the images' visual tokens). Whether
+    the prompts' <image> tags and the images agree is checked where they meet, in MplugOwl.embed."""
     if images and image_embeds is not None:
         raise ValueError("give the images or their image_embeds, not both")
     rows = [tokenizer.encode_prompt(p) for p in prompts]
-    n_slots = sum(sum(1 for i in r if i < 0) for r in rows) // tokenizer.image_tokens
-    n_given = len(images) if image_embeds is None else len(image_embeds)
-    if n_slots != n_given:
-        raise ValueError(f"the prompt(s) have {n_slots} <image> but {n_given} image(s) were given")
     ctx = model.config.text_config.max_position_embeddings
     T = max(len(r) for r in rows)
     if T >= ctx:
         raise ValueError(f"the prompt is {T} tokens long; the model's context is {ctx} tokens")
-    device = model.language_model.lm_head.weight.device
+    device = model.query_tokens.device
     ids = torch.tensor([[0] * (T - len(r)) + r for r in rows], device=device)  # (B, T)
     pad_mask = None
     if any(len(r) < T for r in rows):
         pad_mask = torch.tensor([[False] * (T - len(r)) + [True] * len(r) for r in rows], device=device)
-    embeds = image_embeds
-    if images:
-        size = model.config.vision_config.image_size
-        pixels = torch.stack([preprocess_image(im, size) for im in images]).to(device)  # (N, 3, H, W)
-        embeds = model.encode_images(pixels.to(model.vision_model.embeddings.patch_embed.weight.dtype))
-    return ids, pad_mask, embeds
+    return ids, pad_mask, (visual_tokens(model, images) if images else image_embeds)
 
 
 @torch.inference_mode()
@@ -137,11 +137,12 @@ def generate(model, tokenizer, prompt, images=(), max_new_tokens=128, temperatur
         user_stream = stream
         stream = lambda t: user_stream(int(t[0]))  # one prompt: the callback gets plain ints
     llm = model.language_model
-    llm.setup_caches(B, T + max_new_tokens, dtype=llm.model.embed_tokens.weight.dtype)  # lm_head may be int8
-    decode = compiled_decode_one_token() if compile else decode_one_token
+    llm.setup_caches(B, T + max_new_tokens)
     try:
-        out = generate_tokens(model, ids, embeds, max_new_tokens, 0, pad_mask, temperature, top_k, top_p,
-                              generator, tokenizer.eos_id, stream, decode)
+        out = generate_tokens(model, ids, embeds, max_new_tokens=max_new_tokens, pad_mask=pad_mask,
+                              temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                              eos_id=tokenizer.eos_id, stream=stream,
+                              decode=compiled_decode_one_token() if compile else decode_one_token)
     finally:
         llm.reset_caches()
     return out[0] if single else out

@@ -131,20 +131,25 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.grad_checkpointing = False
-        self.max_seq_len = 0  # the KV cache length, 0 when there is no cache
 
     def setup_caches(self, batch_size, max_seq_len, dtype=None, device=None):
-        """Allocate a KV cache of max_seq_len positions in every layer (call before generating)."""
-        w = self.model.embed_tokens.weight  # never quantized (owl/quant.py may make lm_head.weight int8)
+        """Allocate a KV cache of max_seq_len positions in every layer (call before generating).
+        Its dtype defaults to the embedding's, which owl/quant.py never quantizes (lm_head may be int8).
+        Returns the caches (a session that keeps them across calls checks them with has_caches)."""
+        w = self.model.embed_tokens.weight
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(batch_size, self.config.num_key_value_heads, max_seq_len,
                                                self.config.head_dim, dtype or w.dtype, device or w.device)
-        self.max_seq_len = max_seq_len
+        return [layer.self_attn.kv_cache for layer in self.model.layers]
+
+    def has_caches(self, caches):
+        """Whether `caches` (from setup_caches) are still the ones in place: any owl.generate call on
+        this model sets up and resets its own, and then a chat session must start a fresh cache."""
+        return caches is not None and all(layer.self_attn.kv_cache is c for layer, c in zip(self.model.layers, caches))
 
     def reset_caches(self):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
-        self.max_seq_len = 0
 
     def forward(self, input_ids=None, inputs_embeds=None, start_pos=0, pad_mask=None, position_ids=None,
                 last_only=False):

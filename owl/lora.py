@@ -7,44 +7,50 @@ B starts at zero, so step 0 equals the base model. The base weight keeps its nam
 so a model with LoRA still loads base checkpoints; `merge()` folds BA into W for inference.
 The official release applied it with peft to q_proj and v_proj, r=8, alpha=32, dropout 0.05.
 
+The adapter files are written and read here too: adapter.safetensors (LoRA A/B and every other
+tensor stage 2 trained, e.g. the abstractor) + adapter.json (r, alpha, dropout, targets, the base).
+
     python -m owl.lora merge BASE_DIR ADAPTER_FILE OUT_DIR   # fold a stage-2 adapter into a model
 """
+import json
 import math
+import os
 import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .weights import CheckpointError, check_keys, load_model, save_model, sha256_of
 
 
 class LoRALinear(nn.Linear):
     def __init__(self, in_features, out_features, r=8, alpha=32, dropout=0.05, bias=True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        # A and B stay fp32 (they are what trains) whatever the base weight's dtype
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device))
         self.lora_dropout = nn.Dropout(dropout)
         self.merged = False
         self.weight.requires_grad_(False)
-        if self.lora_A.device.type != "meta":
-            self.reset_lora()
+        self.reset_lora(device)
 
-    def reset_lora(self):
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as loralib and peft
-        nn.init.zeros_(self.lora_B)
+    def reset_lora(self, device=None):
+        """Fresh A (kaiming, as loralib and peft) and B = 0. A and B are fp32 (they are what trains)
+        whatever the base weight's dtype."""
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=device))
+        if self.lora_A.device.type != "meta":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r, alpha, dropout):
         """Wrap an existing layer, sharing (not copying) its weight and bias."""
         m = cls(linear.in_features, linear.out_features, r, alpha, dropout, bias=linear.bias is not None,
-                device="meta")
+                device="meta")  # a placeholder base weight, replaced by the layer's own
         m.weight, m.bias = linear.weight, linear.bias
         m.weight.requires_grad_(False)
-        dev = linear.weight.device
-        m.lora_A = nn.Parameter(torch.empty(r, linear.in_features, device=dev))
-        m.lora_B = nn.Parameter(torch.zeros(linear.out_features, r, device=dev))
-        m.reset_lora()
+        m.reset_lora(linear.weight.device)
         return m
 
     def delta_weight(self):
@@ -73,33 +79,40 @@ class LoRALinear(nn.Linear):
         return super().extra_repr() + f", r={self.r}, alpha={self.alpha}"
 
 
+def replace_children(module: nn.Module, new):
+    """Swap every child `c` (named `name`) of every submodule for `new(name, c)` where that is not
+    None; returns the full names swapped. One walk for apply_lora, merge_lora and quant.quantize_int8."""
+    done = []
+    for prefix, parent in list(module.named_modules()):
+        for name, child in list(parent.named_children()):
+            swap = new(name, child)
+            if swap is not None:
+                setattr(parent, name, swap)
+                done.append(f"{prefix}.{name}" if prefix else name)
+    return done
+
+
 def apply_lora(module: nn.Module, targets=("q_proj", "v_proj"), r=8, alpha=32, dropout=0.05):
     """Replace every nn.Linear whose name ends in one of `targets` by a LoRALinear; returns the names."""
-    done = []
-    for name, child in list(module.named_modules()):
-        for cname, sub in list(child.named_children()):
-            if cname in targets and type(sub) is nn.Linear:
-                setattr(child, cname, LoRALinear.from_linear(sub, r, alpha, dropout))
-                done.append(f"{name}.{cname}" if name else cname)
+    done = replace_children(module, lambda name, c: LoRALinear.from_linear(c, r, alpha, dropout)
+                            if name in targets and type(c) is nn.Linear else None)
     if not done:
         raise ValueError(f"no nn.Linear named {', '.join(targets)} to put LoRA on")
     return done
 
 
-def lora_layers(module):
-    return [m for m in module.modules() if isinstance(m, LoRALinear)]
-
-
 def merge_lora(module, unwrap=True):
     """Fold every adapter into its base weight; with unwrap, put plain nn.Linear layers back."""
-    for name, child in list(module.named_modules()):
-        for cname, sub in list(child.named_children()):
-            if isinstance(sub, LoRALinear):
-                sub.merge()
-                if unwrap:
-                    plain = nn.Linear(sub.in_features, sub.out_features, bias=sub.bias is not None, device="meta")
-                    plain.weight, plain.bias = sub.weight, sub.bias
-                    setattr(child, cname, plain)
+    def merged(name, c):
+        if not isinstance(c, LoRALinear):
+            return None
+        c.merge()
+        if not unwrap:
+            return None
+        plain = nn.Linear(c.in_features, c.out_features, bias=c.bias is not None, device="meta")
+        plain.weight, plain.bias = c.weight, c.bias
+        return plain
+    replace_children(module, merged)
 
 
 def mark_only_lora_as_trainable(module):
@@ -112,10 +125,55 @@ def lora_state_dict(module):
     return {k: v for k, v in module.state_dict().items() if "lora_" in k}
 
 
+# ----------------------------------------------------------------------------- the adapter files (stage 2)
+
+def trainable_state(model):
+    """Every trained tensor by its full model name, fp32, on the CPU (the adapter; train.py's checkpoint)."""
+    return {n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(model, out_dir, lora, base):
+    """adapter.safetensors (LoRA A/B + every other trained tensor) + adapter.json, the format
+    apply_adapter reads. lora: dict(r, alpha, dropout, targets); base: the model folder trained on."""
+    save_file(trainable_state(model), os.path.join(out_dir, "adapter.safetensors.tmp"), metadata={"format": "pt"})
+    os.replace(os.path.join(out_dir, "adapter.safetensors.tmp"), os.path.join(out_dir, "adapter.safetensors"))
+    meta = dict(lora, base=os.path.abspath(base), base_sha256=sha256_of(base))
+    with open(os.path.join(out_dir, "adapter.json.tmp"), "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(os.path.join(out_dir, "adapter.json.tmp"), os.path.join(out_dir, "adapter.json"))
+
+
+def adapter_files(adapter_file):
+    """(adapter.safetensors, adapter.json beside it), checked to exist (chat.py checks before loading)."""
+    meta_file = os.path.join(os.path.dirname(os.path.abspath(adapter_file)), "adapter.json")
+    if not os.path.isfile(adapter_file):
+        raise CheckpointError(f"{adapter_file}: no such adapter file")
+    if not os.path.isfile(meta_file):
+        raise CheckpointError(f"{meta_file}: missing (it holds the adapter's r, alpha and targets)")
+    return adapter_file, meta_file
+
+
+def apply_adapter(model, adapter_file):
+    """Put the LoRA layers described by adapter.json (beside adapter_file) on the LLM and load the
+    adapter's tensors (LoRA A/B and any other trained tensor, e.g. the abstractor), checked."""
+    adapter_file, meta_file = adapter_files(adapter_file)
+    with open(meta_file) as f:
+        meta = json.load(f)
+    apply_lora(model.language_model, tuple(meta["targets"]), meta["r"], meta["alpha"], meta.get("dropout", 0.0))
+    with safe_open(adapter_file, framework="pt", device="cpu") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    have = model.state_dict()
+    want = {k: v.shape for k, v in have.items() if "lora_" in k or k in sd}  # every LoRA tensor, and what it trained
+    check_keys(want, {k: v.shape for k, v in sd.items()}, adapter_file)
+    with torch.no_grad():
+        for k, v in sd.items():
+            have[k].copy_(v)  # state_dict tensors share storage with the parameters; copy_ casts dtype
+    return meta
+
+
 def main(argv):
     if len(argv) != 4 or argv[0] != "merge":
         sys.exit("usage: python -m owl.lora merge BASE_DIR ADAPTER_FILE OUT_DIR")
-    from .checkpoint import load_model, apply_adapter, save_model, CheckpointError
     _, base, adapter, out = argv
     try:
         model, tok = load_model(base, dtype=None)
@@ -128,4 +186,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # `python -m owl.lora` runs this file as __main__ after `import owl` has imported it as owl.lora:
+    # call that module's main, so that one LoRALinear class is in play, not two.
+    from owl.lora import main as package_main
+    package_main(sys.argv[1:])

@@ -2,7 +2,7 @@
 
 The ViT encodes each image into patch features, the abstractor summarises them into
 num_query_tokens + 1 visual tokens at the LLM width, and those are spliced into the text embeddings
-at the image slots of the prompt (tokenizer.encode_prompt marks them with -1), in image order.
+at the image slots of the prompt (tokenizer.encode_prompt marks them with IMAGE_SLOT), in image order.
 Parameter names follow the official checkpoint: vision_model.*, query_tokens, abstractor.*,
 language_model.*.
 """
@@ -14,25 +14,30 @@ from .config import OwlConfig
 from .vision import VisionTransformer
 from .abstractor import VisualAbstractor
 from .llama import Llama
-
-IGNORE = -100  # label of positions that carry no loss
+from .tokenizer import IGNORE, IMAGE_SLOT, check_image_count
 
 
 class MplugOwl(nn.Module):
-    def __init__(self, cfg: OwlConfig):
+    def __init__(self, cfg: OwlConfig, vision_model=None, language_model=None):
+        """Pretrained towers may be passed in (stage 1 starts from CLIP's ViT and LLaMA); the
+        abstractor and the query tokens are always built here."""
         super().__init__()
         self.config = cfg
-        a = cfg.visual_abstractor_config
-        self.vision_model = VisionTransformer(cfg.vision_config)
-        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, a.hidden_size))
-        self.abstractor = VisualAbstractor(a, cfg.text_config.hidden_size)
-        self.language_model = Llama(cfg.text_config)
+        fk = cfg.visual_abstractor_config
+        self.vision_model = VisionTransformer(cfg.vision_config) if vision_model is None else vision_model
+        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, fk.hidden_size))
+        self.abstractor = VisualAbstractor(fk, cfg.text_config.hidden_size)
+        self.language_model = Llama(cfg.text_config) if language_model is None else language_model
 
     def init_weights(self, std=0.02):
         self.vision_model.init_weights(std)
-        nn.init.normal_(self.query_tokens, std=std)
-        self.abstractor.init_weights(std)
+        self.init_abstractor(std)
         self.language_model.init_weights(std)
+
+    def init_abstractor(self, std=0.02):
+        """A fresh fK: what stage 1 starts from (the paper trains it from scratch)."""
+        self.abstractor.init_weights(std)
+        nn.init.normal_(self.query_tokens, std=std)
 
     def encode_images(self, pixel_values):  # (N, 3, H, W)
         """The visual tokens the LLM receives: (N, num_query_tokens + 1, llm_hidden)."""
@@ -41,15 +46,12 @@ class MplugOwl(nn.Module):
         return self.abstractor(q, feats.to(q.dtype))  # (N, 65, 4096)
 
     def embed(self, input_ids, image_embeds=None):
-        """Text embeddings with the image slots (ids < 0) filled, row by row, image by image."""
-        slots = input_ids < 0  # (B, T)
+        """Text embeddings with the image slots filled, row by row, image by image."""
+        slots = input_ids == IMAGE_SLOT  # (B, T)
         x = self.language_model.model.embed_tokens(input_ids.clamp(min=0))  # (B, T, C)
         n_slots = int(slots.sum())
-        n_given = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
-        if n_slots != n_given:
-            per = self.config.image_tokens
-            raise ValueError(f"the prompt has {n_slots // per} image slot(s) ({n_slots} positions) "
-                             f"but {n_given // per} image(s) were given")
+        check_image_count(n_slots, 0 if image_embeds is None else image_embeds.shape[0],
+                          self.config.image_tokens if image_embeds is None else image_embeds.shape[1])
         if n_slots:
             x = x.clone()
             x[slots] = image_embeds.reshape(-1, x.shape[-1]).to(x.dtype)  # (n_slots, C)
@@ -57,8 +59,8 @@ class MplugOwl(nn.Module):
 
     def forward(self, input_ids, pixel_values=None, image_embeds=None, start_pos=0, pad_mask=None,
                 position_ids=None, last_only=False):
-        """Logits (B, T, vocab). input_ids (B, T) holds -1 at image slots; pixel_values (N, 3, H, W)
-        are the N images of the batch in order (or pass their image_embeds)."""
+        """Logits (B, T, vocab). input_ids (B, T) holds IMAGE_SLOT at image slots; pixel_values
+        (N, 3, H, W) are the N images of the batch in order (or pass their image_embeds)."""
         if image_embeds is None and pixel_values is not None and len(pixel_values):
             image_embeds = self.encode_images(pixel_values)
         x = self.embed(input_ids, image_embeds)

@@ -16,10 +16,10 @@ it is slower than the unquantized model.
 lm_head stays in the model's dtype by default (lm_head=True quantizes it too). It is 2% of LLaMA-7B's
 weights, so int8 would save little there, and keeping it means the logits that sampling sees carry
 only the error of the layers below. For small models it is a large share (28% of the 57M benchmark
-shape), and bench/run.py measures both. Note: with lm_head=True, `lm_head.weight` is int8, so pass
-`dtype=` to Llama.setup_caches (which otherwise takes the cache dtype from it; owl.generate does).
-embed_tokens is not quantized: a lookup reads one row per token, so int8 would save memory but no
-time. The ViT and the abstractor run once per image and stay as they are.
+shape), and bench/run.py measures both. (Llama.setup_caches takes the cache dtype from
+embed_tokens, so an int8 lm_head does not change it.) embed_tokens is not quantized: a lookup reads
+one row per token, so int8 would save memory but no time. The ViT and the abstractor run once per
+image and stay as they are.
 
 Int8 is for inference only: a quantized model cannot be trained or saved with owl.save_model.
 """
@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .lora import LoRALinear, merge_lora
+from .lora import LoRALinear, merge_lora, replace_children
 
 
 def quantize_weight(w):  # w (out, in), any float dtype
@@ -86,10 +86,9 @@ def quantize_int8(model, lm_head=False):
     llm = getattr(model, "language_model", model)
     if any(isinstance(m, LoRALinear) for m in llm.modules()):
         merge_lora(llm)  # an adapter must be folded in: Int8Linear has no place for it
-    for parent in list(llm.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and (lm_head or child is not getattr(llm, "lm_head", None)):
-                setattr(parent, name, Int8Linear.from_linear(child))
+    head = None if lm_head else getattr(llm, "lm_head", None)
+    replace_children(llm, lambda name, c: Int8Linear.from_linear(c)
+                     if isinstance(c, nn.Linear) and c is not head else None)
     return model
 
 

@@ -3,7 +3,7 @@
 Prompt tokenisation follows the official `_tokenize_prompt`: BOS, then the prompt split around each
 `<image>`; every text chunk is encoded on its own (so each gets sentencepiece's dummy-prefix space,
 as HF's LlamaTokenizer with legacy=True does), and every `<image>` becomes num_query_tokens + 1 slots
-holding -1, which the model fills with that image's visual tokens.
+holding IMAGE_SLOT, which the model fills with that image's visual tokens.
 """
 import os
 import re
@@ -11,6 +11,8 @@ import re
 import sentencepiece as spm
 
 IMAGE = "<image>"
+IMAGE_SLOT = -1  # the id of a position the model fills with a visual token (never a vocabulary id)
+IGNORE = -100  # the label of a position that carries no loss (F.cross_entropy's ignore_index)
 # The official conversation template (paper, "Joint Instruction Tuning": Vicuna-style snippets).
 SYSTEM = ("The following is a conversation between a curious human and AI assistant. The assistant gives "
           "helpful, detailed, and polite answers to the user's questions.\n")
@@ -45,14 +47,24 @@ class Tokenizer:
         return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
 
     def encode_prompt(self, prompt, bos=True):
-        """Ids of a prompt in the official template: BOS, text chunks, -1 x image_tokens per <image>."""
+        """Ids of a prompt in the official template: BOS, text chunks, IMAGE_SLOT x image_tokens per <image>."""
         ids = [self.bos_id] if bos else []
         for chunk in re.split(f"({re.escape(IMAGE)})", prompt):
             if chunk == IMAGE:
-                ids += [-1] * self.image_tokens
+                ids += [IMAGE_SLOT] * self.image_tokens
             elif chunk:
                 ids += self.sp.encode(chunk)
         return ids
 
     def decode(self, ids):
-        return self.sp.decode([i for i in ids if i >= 0 and i not in self.special])
+        return self.sp.decode([i for i in ids if i >= 0 and i not in self.special])  # vocabulary ids only
+
+
+def check_image_count(n_slots, n_images, per_image=1):
+    """The one check that a prompt's images (n_slots positions, per_image of them per <image>; or
+    n_slots <image> tags) and the images given agree. MplugOwl.embed runs it on every forward; chat
+    runs it on a raw prompt before it loads a model."""
+    if n_slots != n_images * per_image:
+        n = n_slots // per_image
+        slots = f" ({n} image slot(s) of {per_image} positions)" if per_image > 1 else ""
+        raise ValueError(f"the prompt(s) have {n} {IMAGE} but {n_images} image(s) were given{slots}")

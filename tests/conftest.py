@@ -1,3 +1,6 @@
+"""Shared by the tests: the repository root on sys.path, the reference fixtures, the loaded tiny
+model, and one intra-op thread where a test file asks for it."""
+import json
 import os
 import sys
 
@@ -9,6 +12,41 @@ sys.path.insert(0, ROOT)
 REF = os.path.join(ROOT, "tests", "fixtures", "reference")  # a copy of shared/reference
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def load_cases(ref=REF):
+    """The reference generation cases (prompt, images, the official model's greedy ids, ...)."""
+    with open(os.path.join(ref, "cases.json")) as f:
+        return json.load(f)
+
+
+def tiny_model(seed=0):
+    """The tiny preset with random weights (no file read)."""
+    import owl
+    torch.manual_seed(seed)
+    m = owl.MplugOwl(owl.preset("tiny"))
+    m.init_weights()
+    return m.eval()
+
+
+def tiny_batch(seed=1):
+    """Two rows of 90 ids with one image each (slots 5..69) and their pixels, for tiny_model."""
+    from owl.tokenizer import IMAGE_SLOT
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 1000, (2, 90), generator=g)
+    ids[:, 5:70] = IMAGE_SLOT
+    px = torch.randn(2, 3, 56, 56, generator=g)
+    return ids, px
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a small shared CPU two OpenMP threads spin against other work and a
+    tiny step can take 100x longer. Restored afterwards for the other tests."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="session")

@@ -2,16 +2,17 @@
 expectations (official xgpt3 tokenisation); truncation; bad input; the step-wise data order."""
 import json
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
 import owl
-from owl.data import (DataError, StepBatches, collate, detect, load_examples, OwlDataset, read_records,
-                      to_template, tokenize_caption, tokenize_conversation)
-from owl.model import IGNORE, lm_loss_sum
+from owl.train.batches import OwlDataset, StepBatches, collate
+from owl.model import lm_loss_sum
+from owl.train.data import (DataError, detect, load_examples, read_records, to_template, tokenize_caption,
+                            tokenize_conversation)
+from owl.tokenizer import IGNORE, IMAGE_SLOT
 
 S = owl.SYSTEM
 X = IGNORE
@@ -80,7 +81,7 @@ def test_multimodal_two_turn_ids_and_labels_match_the_official_chunking(tok):
     ids, labels, n_img, cut = tokenize_conversation(tok, text, 2048)
     sys_line = S.rstrip("\n")  # the official split takes "\nHuman: " as a chunk of its own
     want = [  # (ids, carries loss)
-        ([tok.bos_id], 0), (E(tok, sys_line), 0), (E(tok, "\nHuman: "), 0), ([-1] * 65, 0),
+        ([tok.bos_id], 0), (E(tok, sys_line), 0), (E(tok, "\nHuman: "), 0), ([IMAGE_SLOT] * 65, 0),
         (E(tok, "\nHuman: "), 0), (E(tok, "What is it?\n"), 0), (E(tok, "AI: "), 0),
         (E(tok, "A red cube.") + [tok.eos_id], 1),
         (E(tok, "\nHuman: "), 0), (E(tok, "Why?\n"), 0), (E(tok, "AI: "), 0),
@@ -104,7 +105,7 @@ def test_text_only_and_caption_labels(tok):
     assert ids == head + E(tok, "3") + [tok.eos_id] and n_img == 0
     assert labels == [X] * len(head) + E(tok, "3") + [tok.eos_id]
     ids, labels, n_img, _ = tokenize_caption(tok, "a red cube", 2048)
-    assert ids == [tok.bos_id] + [-1] * 65 + E(tok, "a red cube") + [tok.eos_id]
+    assert ids == [tok.bos_id] + [IMAGE_SLOT] * 65 + E(tok, "a red cube") + [tok.eos_id]
     assert labels == [X] * 66 + E(tok, "a red cube") + [tok.eos_id] and n_img == 1
 
 
@@ -115,9 +116,9 @@ def test_truncation_never_cuts_an_image_and_keeps_the_answer_eos(tok):
     first_img_end = full.index(-1) + 65
     for L in range(first_img_end, first_img_end + 70):  # anywhere inside / around the second image
         ids, labels, n, cut = tokenize_conversation(tok, text, L)
-        assert len(ids) <= L and cut and ids.count(-1) == 65 * n
+        assert len(ids) <= L and cut and ids.count(IMAGE_SLOT) == 65 * n
         if n == 1:  # the second image did not fit: dropped whole, nothing after it
-            assert ids.count(-1) == 65 and all(l == X for l in labels)
+            assert ids.count(IMAGE_SLOT) == 65 and all(l == X for l in labels)
     # cut inside the answer: the answer is shortened and still ends with EOS, which carries the loss
     L = len(full) - 3
     ids, labels, n, cut = tokenize_conversation(tok, text, L)
@@ -159,18 +160,17 @@ def test_collate_pads_right_and_keeps_image_order(tmp_path, tok):
     assert b["pixel_values"][2, 2].mean() > b["pixel_values"][2, 0].mean()  # blue last
     n0 = len(ex[0].ids)
     assert b["input_ids"][0, :n0].tolist() == ex[0].ids
-    assert (b["labels"][1, len(ex[1].ids):] == X).all() and (b["input_ids"] == -1).sum() == 3 * 65
+    assert (b["labels"][1, len(ex[1].ids):] == X).all() and (b["input_ids"] == IMAGE_SLOT).sum() == 3 * 65
 
 
 def test_step_batches_partition_the_same_examples_per_step():
     """Optimizer step s sees the same examples for batch 4, accumulation 2 x 2 and 2 ranks x 2."""
     def step_sets(B, A, W, steps=5):
-        a = SimpleNamespace(batch_size=B, grad_accum=A, seed=3, max_steps=steps)
-        per_rank = [list(StepBatches(7, a, r, W, 0)) for r in range(W)]
+        per_rank = [list(StepBatches(7, B, A, steps, seed=3, rank=r, world=W, start_step=0)) for r in range(W)]
         return [sorted(sum((per_rank[r][s * A + m] for r in range(W) for m in range(A)), []))
                 for s in range(steps)]
     ref = step_sets(4, 1, 1)
     assert step_sets(2, 2, 1) == ref == step_sets(2, 1, 2) == step_sets(1, 2, 2)
     assert len({i for s in ref[:2] for i in s}) == 7  # epoch 1 covers all 7 before repeating
-    a = SimpleNamespace(batch_size=2, grad_accum=1, seed=3, max_steps=5)
-    assert list(StepBatches(7, a, 0, 1, 2)) == list(StepBatches(7, a, 0, 1, 0))[2:]  # resume = the step
+    at = lambda start: list(StepBatches(7, 2, 1, 5, seed=3, rank=0, world=1, start_step=start))
+    assert at(2) == at(0)[2:]  # resume = the step

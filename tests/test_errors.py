@@ -1,5 +1,4 @@
 """Bad input gets one clear error naming the file, key or count involved; nothing loads partially."""
-import json
 import os
 import shutil
 
@@ -10,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import owl
 from owl import CheckpointError
+from owl.tokenizer import IMAGE_SLOT
 
 
 def copy_ck(ref, tmp_path):
@@ -93,6 +93,6 @@ def test_image_count_mismatch_and_long_prompt(owl_model):
         owl.generate(model, tok, owl.build_prompt([(0, "hi", None)]), [img], max_new_tokens=2)
     with pytest.raises(ValueError, match="context is 512 tokens"):
         owl.generate(model, tok, "word " * 600, [], max_new_tokens=2)
-    ids = torch.tensor([[1] + [-1] * 65 + [5]])
+    ids = torch.tensor([[1] + [IMAGE_SLOT] * 65 + [5]])
     with pytest.raises(ValueError, match="1 image slot"):
         model(ids)

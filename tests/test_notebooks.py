@@ -5,10 +5,10 @@ import os
 
 import pytest
 
+from tests.conftest import ROOT
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "tutorials", "*.ipynb")))
 
 
@@ -28,7 +28,7 @@ def test_there_are_six_notebooks():
 def test_notebook_runs(path):
     text = run(path)
     # the notebooks print their checks as "...: True"; none may print False
-    assert ": False" not in text and "== one by one: False" not in text
+    assert ": False" not in text
     name = os.path.basename(path)
     if name.startswith("1_"):
         assert "equals vit(px): True" in text and "head 0 by hand == SDPA: True" in text
@@ -38,5 +38,5 @@ def test_notebook_runs(path):
         assert lines["without cache"] == lines["with cache"] == lines["HF reference"]
     if name.startswith("4_"):
         assert "merged == unmerged: True" in text
-    if name.startswith("6_"):
-        assert "batched == one by one: True" in text and "skipped" in text
+    if name.startswith("6_"):  # (its real-checkpoint cells run, or say they are skipped: either is fine)
+        assert "batched == one by one: True" in text and "cache == from scratch: True" in text

@@ -8,6 +8,7 @@ import torch
 
 import owl
 from owl.generate import prefill, decode_one_token
+from tests.conftest import load_cases
 
 
 def scaled_err(a, b):  # max abs error relative to max(1, max |reference|)
@@ -16,11 +17,6 @@ def scaled_err(a, b):  # max abs error relative to max(1, max |reference|)
 
 def ref_images(ref):
     return [owl.load_image(os.path.join(ref, "images", f)) for f in ("public_0.jpg", "public_1.png", "public_2.jpg")]
-
-
-def load_cases(ref):
-    with open(os.path.join(ref, "cases.json")) as f:
-        return json.load(f)
 
 
 def test_preprocess_matches_official(ref, expected):

@@ -14,23 +14,15 @@ from safetensors.torch import load_file
 
 import owl
 import train
-from owl.data import collate, load_examples, OwlDataset
 from owl.lora import main as lora_main
+from owl.model import lm_loss_sum
+from owl.train.batches import OwlDataset, collate
+from owl.train.data import DataError, load_examples
+from tests.conftest import REF, ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REF = os.path.join(ROOT, "tests", "fixtures", "reference")
 OWL, CLIP, LLAMA = (os.path.join(REF, d) for d in ("mplug_owl", "hf_clip", "hf_llama"))
 S = owl.SYSTEM
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU two OpenMP threads spin against other work and a
-    tiny step can take 100x longer. Restored afterwards for the other test files."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +139,7 @@ def test_resume_is_exact(data, tmp_path):
 
 
 def _other_rng():
-    from owl.train_utils import rng_state
+    from owl.train.state import rng_state
     state = torch.get_rng_state()
     torch.manual_seed(12345)
     s = rng_state()
@@ -158,13 +150,13 @@ def _other_rng():
 # ----------------------------------------------------------------------------- what trains
 
 def test_stage_freezing_and_optimizer_state(data, s2_batch2, tmp_path):
-    m1, _ = train.build_model(train.parse_args(stage1_args(data, tmp_path)))
+    m1 = train.build_model(train.parse_args(stage1_args(data, tmp_path)))
     for n, p in m1.named_parameters():
         assert p.requires_grad == (not n.startswith("language_model.")), n
-    m2, _ = train.build_model(train.parse_args(stage2_args(data, tmp_path)))
+    m2 = train.build_model(train.parse_args(stage2_args(data, tmp_path)))
     for n, p in m2.named_parameters():
         assert p.requires_grad == ("lora_" in n or n.startswith("abstractor.") or n == "query_tokens"), n
-    m3, _ = train.build_model(train.parse_args(stage2_args(data, tmp_path, "--freeze-abstractor")))
+    m3 = train.build_model(train.parse_args(stage2_args(data, tmp_path, "--freeze-abstractor")))
     assert {n for n, p in m3.named_parameters() if p.requires_grad} == {n for n, _ in m3.named_parameters() if "lora_" in n}
     # the checkpoint holds the trained tensors only, and Adam state for them only
     st = torch.load(s2_batch2 / "checkpoint" / "state.pt", weights_only=False)
@@ -174,8 +166,8 @@ def test_stage_freezing_and_optimizer_state(data, s2_batch2, tmp_path):
 
 
 def test_vision_lr_applies_to_the_vit_only(data, tmp_path):
-    from owl.train_utils import param_groups
-    model, _ = train.build_model(train.parse_args(stage1_args(data, tmp_path)))
+    from owl.train.stages import param_groups
+    model = train.build_model(train.parse_args(stage1_args(data, tmp_path)))
     groups = param_groups(model, 0.1, vision_lr_scale=0.25)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     for n, p in model.named_parameters():
@@ -189,11 +181,12 @@ def test_vision_lr_applies_to_the_vit_only(data, tmp_path):
 
 
 def test_stage1_gradient_flows_through_the_frozen_llama(data, tmp_path):
-    a = train.parse_args(stage1_args(data, tmp_path))
-    model, tok = train.build_model(a)
+    args = train.parse_args(stage1_args(data, tmp_path))
+    tok, _, _ = train.data_setup(args)
+    model = train.build_model(args)
     ex, _ = load_examples([f"{data}/caps.jsonl"], tok, 512)
     b = collate([OwlDataset(ex, 56)[i] for i in range(2)])
-    loss, n = train.StepModel(model.train())(b["input_ids"], b["pixel_values"], b["labels"])
+    loss, n = lm_loss_sum(model.train()(b["input_ids"], b["pixel_values"]), b["labels"])
     (loss / n).backward()
     for name, p in model.named_parameters():
         if name.startswith("language_model."):
@@ -269,7 +262,7 @@ def test_missing_and_corrupt_images_are_skipped_counted_or_stop(data, tmp_path, 
     f.write_text("\n".join(json.dumps(r) for r in recs))
     args = stage1_args(data, tmp_path / "o", "--batch-size", "5", "--max-steps", "2")
     args[args.index("--data") + 1] = str(f)
-    with pytest.raises(owl.data.DataError, match=r"1 of 10 examples have missing images.*gone\.png"):
+    with pytest.raises(DataError, match=r"1 of 10 examples have missing images.*gone\.png"):
         train.main(args)  # 10% > the default 5%
     assert not (tmp_path / "o").exists()
     train.main(args + ["--max-bad-fraction", "0.5"])  # goes on: the missing one skipped up front,

@@ -1,13 +1,13 @@
-"""The synthetic world of the demo (owl/world.py): determinism, images that show what the captions
+"""The synthetic world of the demo (owl/demo/world.py): determinism, images that show what the captions
 say, questions whose answers follow from the scene, files train.py reads, a LLaMA-style tokenizer."""
 import filecmp
 import json
-import os
 import random
 
 import pytest
 
-from owl import world, build_prompt
+from owl import build_prompt
+from owl.demo import world
 from owl.tokenizer import Tokenizer
 
 
@@ -79,7 +79,7 @@ def test_questions_follow_from_the_scene():
 
 
 def test_files_are_in_the_formats_train_py_reads(small_world):
-    from owl.data import load_examples
+    from owl.train.data import load_examples
     out, paths = small_world
     tok = Tokenizer(paths["tokenizer"], 17)
     ex, st = load_examples([paths["captions"]], tok, 512)

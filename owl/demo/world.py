@@ -5,13 +5,13 @@ It stands in for the paper's data (section "Data and Training Details"): caption
 COYO, CC, COCO in the paper), multimodal instructions for stage 2 (LLaVA in the paper: here counting,
 colours, shapes, positions, existence, reading the scene text, multi-turn and two-image comparisons),
 text-only instructions for stage 2 (Alpaca/Vicuna/Baize in the paper: here questions about a scene
-described in words), and a text corpus on which demo.py pretrains the tiny LLaMA that stands in for
-the pretrained LLM. Files are written in the formats train.py reads:
+described in words), and a text corpus on which stand_ins.py pretrains the tiny LLaMA that stands in
+for the pretrained LLM. Files are written in the formats train.py reads:
 
   captions.jsonl          {"image": "images/train_00000.png", "caption": "..."}        (stage 1)
   instructions.jsonl      official mPLUG-Owl SFT JSONL {"image": [...], "text": "<template>"}  (stage 2)
   text_instructions.json  Alpaca [{"instruction", "input", "output"}]                   (stage 2)
-  test.json               held-out questions on held-out images (demo.evaluate)
+  test.json               held-out questions on held-out images (run.evaluate)
   corpus.jsonl            {"text": caption or template conversation, "notes": [...]}  (the LLM's
                           pretraining text; each <image> is read as that image's notes, in words)
   tokenizer.model         sentencepiece BPE trained on all of the above with LLaMA's settings
@@ -19,14 +19,17 @@ the pretrained LLM. Files are written in the formats train.py reads:
 A scene is a 2 x 2 grid of cells (a 56-px image is 2 x 2 ViT patches per cell); each cell holds at
 most one shape or one word, so every question has one short, unambiguous answer.
 """
+import io
 import json
 import os
 import random
 from dataclasses import dataclass, field
 
+import sentencepiece as spm
 from PIL import Image, ImageDraw, ImageFont
 
-from .tokenizer import build_prompt, SYSTEM
+from ..tokenizer import build_prompt, SYSTEM
+from ..train.data import to_template
 
 COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230), "yellow": (235, 200, 20)}
 SHAPES = ("circle", "square", "triangle")
@@ -35,6 +38,9 @@ CELLS = ("top left", "top right", "bottom left", "bottom right")  # row-major: r
 WORDS = ("cat", "dog", "sun", "owl", "box", "car", "hat", "cup")
 NUMBERS = ("zero", "one", "two", "three", "four")
 QUESTION_TYPES = ("count", "colour", "shape", "position", "existence", "text", "compare", "multiturn")
+THINGS = SHAPES + ("word", "nothing")  # the per-cell vocabularies of cell_labels and notes
+WHATS = tuple(COLOURS) + WORDS + ("nothing",)
+SIZES_OR_NOTHING = SIZES + ("nothing",)
 
 
 @dataclass
@@ -224,11 +230,6 @@ def stand_in_documents(scene, rng):
     return docs
 
 
-def alpaca_prompt(ex):  # how an Alpaca example reads in the official template (as train.py builds it)
-    q = ex["instruction"] + (f"\n{ex['input']}" if ex.get("input") else "")
-    return build_prompt([(0, q, ex["output"])])
-
-
 # ----------------------------------------------------------------------------- the files
 
 def write_world(out_dir, n_train=3000, n_test=120, n_text=1500, image_size=56, seed=0, questions_per_type=40,
@@ -288,7 +289,7 @@ def write_world(out_dir, n_train=3000, n_test=120, n_text=1500, image_size=56, s
     write_jsonl(paths["corpus"], corpus)
     tok_text = [c["caption"] for c in captions] + [e["text"] for e in sft] + [d["text"] for d in corpus]
     tok_text += [n for d in corpus for n in d["notes"]]
-    tok_text += [alpaca_prompt(e) for e in text_only] + [SYSTEM]
+    tok_text += [to_template("alpaca", e)[0] for e in text_only] + [SYSTEM]  # as train.py reads them
     train_tokenizer(tok_text, paths["tokenizer"], vocab_size)
     return paths
 
@@ -323,14 +324,9 @@ def held_out_questions(test, rng, per_type):
     return out
 
 
-THINGS = SHAPES + ("word", "nothing")  # the per-cell vocabularies of cell_labels and notes
-WHATS = tuple(COLOURS) + WORDS + ("nothing",)
-SIZES_OR_NOTHING = SIZES + ("nothing",)
-
-
 def cell_labels(scene):
     """Per cell (reading order): [thing, colour or word, size] as class indices into THINGS, WHATS,
-    SIZES_OR_NOTHING: the labels demo.py pretrains its stand-in for CLIP on."""
+    SIZES_OR_NOTHING: the labels stand_ins.py pretrains its stand-in for CLIP on."""
     out = []
     for cell in CELLS:
         it = next((it for it in scene.items if it.cell == cell), None)
@@ -352,8 +348,6 @@ def write_jsonl(path, rows):
 def train_tokenizer(texts, model_file, vocab_size=512):
     """A sentencepiece BPE model with LLaMA's settings: byte fallback (256 byte pieces), digits split,
     unk=0 bos=1 eos=2 and no pad. The vocabulary is small because the world's language is."""
-    import io
-    import sentencepiece as spm
     lines = [t for t in texts if t.strip()]  # whole documents: "\nHuman:" is learned as it appears
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generate import generate_tokens
-from .image import load_image, preprocess_image
-from .tokenizer import IMAGE, build_prompt
+from ..generate import generate_tokens, visual_tokens
+from ..image import load_image
+from ..tokenizer import IMAGE, IMAGE_SLOT, build_prompt, check_image_count
 
 STOP = "Human:"  # the start of the next turn in the official template
 _STOP_RE = re.compile(r"(?:^|\n)[ \t]*" + re.escape(STOP))
@@ -105,11 +105,11 @@ class ChatSession:
     def __init__(self, model, tokenizer, max_new_tokens=512, temperature=0.0, top_k=0, top_p=1.0, seed=None):
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
-        self.device = model.language_model.lm_head.weight.device
+        self.device = model.query_tokens.device
         self.generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         self.context = model.config.text_config.max_position_embeddings
         self.stop_requested = False  # set (e.g. by a Ctrl-C handler) to end the answer after this token
-        self._cache = None  # layer 0's KVCache object, to notice if someone else replaced the caches
+        self._caches = None  # the KV caches set up for this session (Llama.has_caches tells if still in place)
         self._cached = []  # key of every position whose K/V are in the cache: token id or ("img", uid, j)
         self._embeds = {}  # uid -> visual tokens (image_tokens, C) of images already encoded
         self._images = {}  # uid -> (path, PIL image)
@@ -146,7 +146,7 @@ class ChatSession:
 
     def close(self):
         self.model.language_model.reset_caches()
-        self._cache, self._cached = None, []
+        self._caches, self._cached = None, []
 
     # ------------------------------------------------------------------ answering
     def ask(self, question, on_text=None):
@@ -163,9 +163,10 @@ class ChatSession:
 
     def complete(self, prompt, images=(), on_text=None):
         """Answer a complete prompt in the official template (one <image> per PIL image), verbatim."""
-        n = prompt.count(IMAGE)
-        if n != len(images):
-            raise ChatError(f"the prompt has {n} {IMAGE} but {len(images)} image(s) were given")
+        try:
+            check_image_count(prompt.count(IMAGE), len(images))
+        except ValueError as e:
+            raise ChatError(str(e)) from None
         self.reset()
         for im in images:
             self.add_image(None, im)
@@ -177,46 +178,44 @@ class ChatSession:
         slots match only for the same image at the same place."""
         per, keys, s = self.tokenizer.image_tokens, [], 0
         for t in ids:
-            if t >= 0:
+            if t != IMAGE_SLOT:
                 keys.append(t)
             else:
                 keys.append(("img", uids[s // per], s % per))
                 s += 1
         return keys
 
+    def _reusable_prefix(self, keys):
+        """The longest prefix already in the cache, leaving at least one position to run, and never
+        ending inside an image."""
+        p = 0
+        while p < min(len(self._cached), len(keys) - 1) and self._cached[p] == keys[p]:
+            p += 1
+        if not isinstance(keys[p], int):
+            p -= keys[p][2]
+        return p
+
     def _ensure_cache(self):
-        lm = self.model.language_model
-        if self._cache is None or lm.model.layers[0].self_attn.kv_cache is not self._cache:
-            lm.setup_caches(1, self.context, dtype=lm.model.embed_tokens.weight.dtype)  # (not lm_head: may be int8)
-            self._cache, self._cached = lm.model.layers[0].self_attn.kv_cache, []
+        llm = self.model.language_model
+        if not llm.has_caches(self._caches):
+            self._caches, self._cached = llm.setup_caches(1, self.context), []
 
     def _image_embeds(self, uids):
         """Visual tokens (N, image_tokens, C) of these images, encoding only those not seen before."""
         new = [u for u in dict.fromkeys(uids) if u not in self._embeds]
         if new:
-            size = self.model.config.vision_config.image_size
-            px = torch.stack([preprocess_image(self._images[u][1], size) for u in new]).to(self.device)
-            out = self.model.encode_images(px.to(self.model.vision_model.embeddings.patch_embed.weight.dtype))
-            self._embeds.update(zip(new, out))
+            self._embeds.update(zip(new, visual_tokens(self.model, [self._images[u][1] for u in new])))
         return torch.stack([self._embeds[u] for u in uids]) if uids else None
 
     @torch.inference_mode()
     def _run(self, prompt, uids, on_text=None):
         ids = self.tokenizer.encode_prompt(prompt)
-        n_slots = sum(1 for i in ids if i < 0)
-        if n_slots != len(uids) * self.tokenizer.image_tokens:
-            raise ChatError(f"the prompt has {n_slots // self.tokenizer.image_tokens} image slot(s) "
-                            f"but {len(uids)} image(s)")
         if len(ids) >= self.context:
             raise ContextFull(f"the conversation needs {len(ids)} tokens but the context window holds "
                               f"{self.context}: /reset starts a new one")
         keys = self._keys(ids, uids)
         self._ensure_cache()
-        p = 0  # the longest prefix already in the cache, leaving at least one token to run
-        while p < min(len(self._cached), len(keys) - 1) and self._cached[p] == keys[p]:
-            p += 1
-        if not isinstance(keys[p], int):  # never start inside an image
-            p -= keys[p][2]
+        p = self._reusable_prefix(keys)
         images_before = sum(1 for k in keys[:p] if not isinstance(k, int) and k[2] == 0)
         max_new = min(self.max_new_tokens, self.context - len(ids))
         self._cached = self._cached[:p]
@@ -232,10 +231,10 @@ class ChatSession:
 
         t0 = time.perf_counter()
         try:
-            embeds = self._image_embeds(uids[images_before:])
-            x = torch.tensor([ids[p:]], device=self.device)  # (1, T - p)
-            generate_tokens(self.model, x, embeds, max_new, p, None, self.temperature, self.top_k, self.top_p,
-                            self.generator, self.tokenizer.eos_id, stream)
+            generate_tokens(self.model, torch.tensor([ids[p:]], device=self.device),  # (1, T - p)
+                            self._image_embeds(uids[images_before:]), max_new_tokens=max_new, start_pos=p,
+                            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                            generator=self.generator, eos_id=self.tokenizer.eos_id, stream=stream)
         finally:  # also on KeyboardInterrupt: keep only the positions that were fully computed
             if gen:
                 self._cached = keys + gen[:-1]  # the last sampled token was never run through the model
@@ -243,20 +242,22 @@ class ChatSession:
         rest, text = decoder.finish()
         if rest and on_text is not None:
             on_text(rest)
-        ids_out = gen[:-1] if gen and gen[-1] == self.tokenizer.eos_id else gen
-        if interrupted:
-            why = "interrupt"
-        elif decoder.stopped:
-            why = "turn"
-        elif gen and gen[-1] == self.tokenizer.eos_id:
-            why = "eos"
-        else:
-            why = "context" if max_new < self.max_new_tokens else "length"
+        ended_eos = bool(gen) and gen[-1] == self.tokenizer.eos_id
         stats = {"prefill_tokens": len(ids) - p, "reused_tokens": p, "decode_tokens": max(len(gen) - 1, 0),
                  "first_token_s": times[0] - t0 if times else 0.0,
                  "decode_s": times[-1] - times[0] if times else 0.0,
                  "context_used": len(keys) + len(gen), "context": self.context}
-        return Answer(text, ids_out, why, stats)
+        return Answer(text, gen[:-1] if ended_eos else gen,
+                      self._stop_reason(interrupted, decoder.stopped, ended_eos, max_new), stats)
+
+    def _stop_reason(self, interrupted, started_next_turn, ended_eos, max_new):
+        if interrupted:
+            return "interrupt"
+        if started_next_turn:
+            return "turn"
+        if ended_eos:
+            return "eos"
+        return "context" if max_new < self.max_new_tokens else "length"
 
 
 def format_stats(s):

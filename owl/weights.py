@@ -1,4 +1,4 @@
-"""Loading and saving weights: one explicit, checked key map per source layout.
+"""Loading and saving model weights: one explicit, checked key map per source layout.
 
   1. HF CLIP (`openai/clip-vit-large-patch14`, a whole CLIPModel): the vision tower only, renamed to
      the official mPLUG-Owl vision names, with q/k/v fused per head into `query_key_value`.
@@ -9,7 +9,10 @@
 Every load builds the model on the meta device and assigns the tensors it read (gpt-fast), so the
 weights are never held twice; they stay in the checkpoint's dtype unless a dtype is asked for. A load
 raises on missing, unexpected or mis-shaped keys and names them: there is no partial load.
+("Checkpoint" in this project means train.py's resumable training state, owl/train/state.py; a
+folder of weights is a model folder.)
 """
+import hashlib
 import json
 import os
 import re
@@ -56,11 +59,10 @@ def weight_files(path):
     raise CheckpointError(f"{path}: no weights (*.safetensors) in this directory")
 
 
-def read_weights(path, keep=lambda k: True, dtype=None, device="cpu", progress=False):
-    """{name: tensor} for the kept names, converted tensor by tensor (floating ones only) so that
-    at most one extra tensor is alive at any time. progress: a tqdm bar (bytes read) on stderr."""
+def read_weights(files, keep=lambda k: True, dtype=None, device="cpu", progress=False):
+    """{name: tensor} of the safetensors files for the kept names, converted tensor by tensor (floating
+    ones only) so that at most one extra tensor is alive at any time. progress: a tqdm bar on stderr."""
     out = {}
-    files = weight_files(path)
     bar = tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True, desc="loading weights",
                file=sys.stderr, disable=not progress, leave=False)
     for file in files:
@@ -116,7 +118,6 @@ HF_CLIP = {
     "vision_model.post_layernorm.weight": "post_layernorm.weight",
     "vision_model.post_layernorm.bias": "post_layernorm.bias",
 }
-HF_CLIP_QKV = "vision_model.encoder.layers.{}.self_attn.{}_proj.{}"  # layer, q|k|v, weight|bias
 
 
 def _template(key):
@@ -155,13 +156,31 @@ def map_hf_clip(sd, cfg: VisionConfig):
     return out
 
 
-def map_hf_llama(sd):
-    """HF LlamaForCausalLM state dict -> our Llama names: the same names, less the RoPE buffers."""
-    return {k: v for k, v in sd.items() if not IGNORED.match(k)}
+def unmap_hf_clip(sd, cfg: VisionConfig):
+    """Our ViT state dict -> HF CLIP `vision_model.*` names: the inverse of map_hf_clip (the demo
+    writes its stand-in CLIP with it). The fused per-head [q_h; k_h; v_h] rows are split again."""
+    inverse = {ours: hf for hf, ours in HF_CLIP.items()}
+    C, nh = cfg.hidden_size, cfg.num_attention_heads
+    out = {}
+    for k, v in sd.items():
+        t, i = _template(k)
+        if t.endswith("self_attn.query_key_value.weight") or t.endswith("self_attn.query_key_value.bias"):
+            kind = k.rsplit(".", 1)[1]
+            parts = v.reshape(nh, 3, C // nh, *v.shape[1:])  # (nh, 3, hs, ...)
+            for j, p in enumerate("qkv"):
+                out[f"vision_model.encoder.layers.{i}.self_attn.{p}_proj.{kind}"] = parts[:, j].reshape(C, *v.shape[1:])
+        elif t not in inverse:
+            raise KeyError(f"no HF CLIP name for {k}")
+        else:
+            out[inverse[t].format(i)] = v
+    out["vision_model.embeddings.class_embedding"] = out["vision_model.embeddings.class_embedding"].reshape(-1)
+    out["vision_model.embeddings.position_embedding.weight"] = out["vision_model.embeddings.position_embedding.weight"][0]
+    return {k: v.detach().contiguous() for k, v in out.items()}
 
 
 def map_official(sd):
-    """Official mPLUG-Owl state dict -> our MplugOwl names: the same names, less the RoPE buffers."""
+    """Official mPLUG-Owl or HF LLaMA state dict -> our names: both layouts use our names already
+    (the classes are named after them), so this only drops the RoPE buffers some checkpoints carry."""
     return {k: v for k, v in sd.items() if not IGNORED.match(k)}
 
 
@@ -223,17 +242,22 @@ def load_config(path):
 
 
 def load_model(path, device="cpu", dtype=torch.float32, progress=False):
-    """(model, tokenizer) from a directory in the official mPLUG-Owl layout (or written by train.py).
-    dtype=None keeps the checkpoint's dtype; progress shows a bar on stderr."""
+    """(model, tokenizer) from a folder in the official mPLUG-Owl layout (or written by train.py).
+    dtype=None keeps the checkpoint's dtype; progress shows a bar on stderr. Every file the load
+    needs is checked before any weight is read."""
     cfg = load_config(path)
     tok_file = _tokenizer_file(path)
-    weight_files(path)  # fail early, before reading anything, if there are none
+    return load_owl(path, cfg, device, dtype, progress), Tokenizer(tok_file, cfg.image_tokens)
+
+
+def load_owl(path, cfg=None, device="cpu", dtype=torch.float32, progress=False):
+    """The MplugOwl of a model folder (cfg: its load_config, if already read), without a tokenizer."""
+    cfg = load_config(path) if cfg is None else cfg
+    files = weight_files(path)
     with torch.device("meta"):
         model = MplugOwl(cfg)
-    sd = map_official(read_weights(path, keep=lambda k: not IGNORED.match(k), dtype=dtype, device=device,
-                                   progress=progress))
-    load_checked(model, sd, path)
-    return model.eval(), Tokenizer(tok_file, cfg.image_tokens)
+    load_checked(model, map_official(read_weights(files, dtype=dtype, device=device, progress=progress)), path)
+    return model.eval()
 
 
 def load_vision(clip_dir, device="cpu", dtype=torch.float32, layer_norm_eps=None):
@@ -248,9 +272,9 @@ def load_vision(clip_dir, device="cpu", dtype=torch.float32, layer_norm_eps=None
         cfg.layer_norm_eps = layer_norm_eps
     with torch.device("meta"):
         vit = VisionTransformer(cfg)
-    sd = map_hf_clip(read_weights(clip_dir, keep=lambda k: k.startswith("vision_model."), dtype=dtype,
-                                  device=device), cfg)
-    return load_checked(vit, sd, clip_dir).eval()
+    sd = read_weights(weight_files(clip_dir), keep=lambda k: k.startswith("vision_model."), dtype=dtype,
+                      device=device)  # the text tower is never read
+    return load_checked(vit, map_hf_clip(sd, cfg), clip_dir).eval()
 
 
 def load_llama(llama_dir, device="cpu", dtype=torch.float32):
@@ -264,12 +288,23 @@ def load_llama(llama_dir, device="cpu", dtype=torch.float32):
         raise CheckpointError(f"{llama_dir}/config.json: {e}") from None
     with torch.device("meta"):
         llm = Llama(cfg)
-    sd = map_hf_llama(read_weights(llama_dir, keep=lambda k: not IGNORED.match(k), dtype=dtype, device=device))
+    sd = map_official(read_weights(weight_files(llama_dir), dtype=dtype, device=device))
     return load_checked(llm, sd, llama_dir).eval()
 
 
 def load_tokenizer(path, image_tokens=65):
     return Tokenizer(_tokenizer_file(path), image_tokens)
+
+
+def sha256_of(path):
+    """Checksum of a model folder: sha256 over its weight files' bytes, in name order."""
+    h = hashlib.sha256()
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors") and not f.startswith("adapter"):
+            with open(os.path.join(path, f), "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- saving
@@ -295,7 +330,7 @@ def atomic_dir(out_dir, write):
 
 def save_model(model: MplugOwl, out_dir, tokenizer_dir=None, tokenizer_file=None, dtype=None):
     """config.json + model.safetensors (official key layout) + tokenizer.model, atomically.
-    The model must have no unmerged LoRA layers (merge them first: owl.lora.merge_lora)."""
+    The model must have no LoRA layers (fold them in first: owl.lora.merge_lora)."""
     sd = model.state_dict()
     if any("lora_" in k for k in sd):
         raise CheckpointError("the model still has LoRA layers: merge them (owl.lora.merge_lora) before saving")
@@ -310,33 +345,3 @@ def save_model(model: MplugOwl, out_dir, tokenizer_dir=None, tokenizer_file=None
         if tok:
             shutil.copy(tok, os.path.join(tmp, "tokenizer.model"))
     atomic_dir(out_dir, write)
-
-
-def apply_adapter(model: MplugOwl, adapter_file):
-    """Put the LoRA layers described by adapter.json (beside adapter_file) on the LLM and load the
-    adapter's tensors (LoRA A/B and any other trained tensor, e.g. the abstractor), checked."""
-    from .lora import apply_lora
-    meta_file = os.path.join(os.path.dirname(os.path.abspath(adapter_file)), "adapter.json")
-    if not os.path.isfile(adapter_file):
-        raise CheckpointError(f"{adapter_file}: no such adapter file")
-    if not os.path.isfile(meta_file):
-        raise CheckpointError(f"{meta_file}: missing (it holds the adapter's r, alpha and targets)")
-    with open(meta_file) as f:
-        meta = json.load(f)
-    apply_lora(model.language_model, tuple(meta["targets"]), meta["r"], meta["alpha"], meta.get("dropout", 0.0))
-    with safe_open(adapter_file, framework="pt", device="cpu") as f:
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    want = model.state_dict()
-    lora_keys = [k for k in want if "lora_" in k]
-    missing = [k for k in lora_keys if k not in sd]
-    unexpected = [k for k in sd if k not in want]
-    shapes = [k for k in sd if k in want and sd[k].shape != want[k].shape]
-    if missing or unexpected or shapes:
-        raise CheckpointError(f"{adapter_file} does not fit this model: missing {len(missing)} "
-                              f"({_summary(missing) if missing else '-'}), unexpected {len(unexpected)} "
-                              f"({_summary(unexpected) if unexpected else '-'}), mis-shaped {len(shapes)} "
-                              f"({', '.join(shapes[:3]) or '-'})")
-    with torch.no_grad():
-        for k, v in sd.items():
-            want[k].copy_(v)  # state_dict tensors share storage with the parameters; copy_ casts dtype
-    return meta

@@ -1,4 +1,4 @@
-"""The demo's report (owl/demo.py): OUT/report.json, OUT/report.md, OUT/loss.png and OUT/samples/.
+"""The demo's report (run.py): OUT/report.json, OUT/report.md, OUT/loss.png and OUT/samples/.
 
 report.json: {"accuracy", "per_type", "ablation": {"both" | "stage1_only" | "stage2_only": {"accuracy",
 "per_type", "n"}}, "times_s", "config", "samples"}. matplotlib is a tutorial/dev dependency, not a

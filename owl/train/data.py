@@ -32,11 +32,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-import torch
-
-from .image import load_image, preprocess_image, ImageError
-from .model import IGNORE
-from .tokenizer import IMAGE, build_prompt
+from ..image import load_image, ImageError
+from ..tokenizer import IGNORE, IMAGE, IMAGE_SLOT, build_prompt
 
 SPLIT = re.compile(f"({re.escape(IMAGE)}|AI: |\nHuman: )")
 DELIMS = (IMAGE, "AI: ", "\nHuman: ")
@@ -48,7 +45,7 @@ class DataError(ValueError):
 
 @dataclass
 class Example:
-    ids: list  # BOS, text ids, -1 at image slots
+    ids: list  # BOS, text ids, IMAGE_SLOT at image slots
     labels: list  # = ids on answer tokens (and their EOS), IGNORE elsewhere
     images: list  # image paths, in slot order
     fmt: str
@@ -187,7 +184,7 @@ def tokenize_conversation(tok, text, max_length):
             if tok.image_tokens > room:  # never cut an image's slots: drop it and what follows
                 truncated = True
                 break
-            piece, lab = [-1] * tok.image_tokens, [IGNORE] * tok.image_tokens
+            piece, lab = [IMAGE_SLOT] * tok.image_tokens, [IGNORE] * tok.image_tokens
             n_images += 1
         elif prev == "AI: " and chunk not in DELIMS:  # an answer: its tokens and EOS carry the loss
             body = tok.sp.encode(chunk)
@@ -214,7 +211,7 @@ def tokenize_caption(tok, caption, max_length):
     body = tok.sp.encode(caption)
     truncated = len(body) > room
     body = body[:room] + [tok.eos_id]
-    ids = [tok.bos_id] + [-1] * tok.image_tokens + body
+    ids = [tok.bos_id] + [IMAGE_SLOT] * tok.image_tokens + body
     return ids, [IGNORE] * (1 + tok.image_tokens) + body, 1, truncated
 
 
@@ -269,84 +266,23 @@ def load_examples(files, tok, max_length, image_root=None, check_images=False):
     return examples, st
 
 
+def training_examples(files, tok, max_length, image_root=None, max_bad_fraction=0.05, log=print):
+    """load_examples for a training run: the Stats logged, and too many missing images stop here."""
+    examples, st = load_examples(files, tok, max_length, image_root)
+    log(st.report())
+    n_all = sum(st.formats.values())
+    if n_all and st.bad_examples / n_all > max_bad_fraction:
+        raise DataError(f"{st.bad_examples} of {n_all} examples have missing images, more than --max-bad-fraction "
+                        f"{max_bad_fraction} (first: {', '.join(st.missing[:3])})")
+    return examples
+
+
 def readable(path):
     try:
         load_image(path)
         return True
     except ImageError:
         return False
-
-
-# ----------------------------------------------------------------------------- order, dataset, batches
-
-def split_examples(examples, a):
-    """(train, held-out): a fixed shuffle (seed) puts eval_examples aside for the eval loss."""
-    n_eval = a.eval_examples if a.eval_examples is not None else min(200, len(examples) // 50)
-    n_eval = n_eval if a.eval_every else 0
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(a.seed + 1)).tolist()
-    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
-
-
-class StepBatches(torch.utils.data.Sampler):
-    """This rank's micro-batches, step by step from start_step: optimizer step s takes the global
-    positions [s*G, (s+1)*G), G = world * grad_accum * batch_size, of an endless stream that
-    reshuffles each epoch (seed + epoch). Micro-batch m of rank r is positions (m*world + r)*B ...
-    The data position is thus the step alone, and batch 2 == accumulation 2 == 2 processes."""
-
-    def __init__(self, n, a, rank, world, start_step):
-        self.n, self.a, self.rank, self.world, self.start = n, a, rank, world, start_step
-        self.perms = {}
-
-    def index(self, pos):
-        e = pos // self.n
-        if e not in self.perms:
-            self.perms = {e: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.a.seed + e)).tolist()}
-        return self.perms[e][pos % self.n]
-
-    def __len__(self):
-        return (self.a.max_steps - self.start) * self.a.grad_accum
-
-    def __iter__(self):
-        B, A, W = self.a.batch_size, self.a.grad_accum, self.world
-        for s in range(self.start, self.a.max_steps):
-            for m in range(A):
-                first = s * W * A * B + (m * W + self.rank) * B
-                yield [self.index(first + j) for j in range(B)]
-
-
-
-class OwlDataset(torch.utils.data.Dataset):
-    """Examples -> dicts of tensors; images are read here (so a DataLoader's workers do it). An image
-    that fails to load makes the item None: collate drops it and counts it."""
-
-    def __init__(self, examples, image_size):
-        self.examples, self.image_size = examples, image_size
-
-    def __len__(self):
-        return len(self.examples)
-
-    def __getitem__(self, i):
-        ex = self.examples[i]
-        try:
-            px = [preprocess_image(load_image(p), self.image_size) for p in ex.images]
-        except ImageError as e:
-            return {"bad": str(e)}
-        return {"ids": torch.tensor(ex.ids), "labels": torch.tensor(ex.labels),
-                "pixel_values": torch.stack(px) if px else None}
-
-
-def collate(items, pad_id=0):
-    """Right-padded (B, T) ids and labels, all images of the batch in order (N, 3, H, W), and the
-    messages of items dropped for a bad image. Right padding needs no attention mask (causal)."""
-    bad = [it["bad"] for it in items if "bad" in it]
-    items = [it for it in items if "bad" not in it]
-    T = max((len(it["ids"]) for it in items), default=1)
-    ids = torch.full((len(items), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), T), IGNORE, dtype=torch.long)
-    for b, it in enumerate(items):
-        ids[b, :len(it["ids"])], labels[b, :len(it["labels"])] = it["ids"], it["labels"]
-    px = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
-    return {"input_ids": ids, "labels": labels, "pixel_values": torch.cat(px) if px else None, "bad": bad}
 
 
 def check_data(files, tok, max_length, image_root=None):

@@ -1,4 +1,4 @@
-"""The embedded default: the whole mPLUG-Owl method, end to end, on a CPU in minutes (issue 5).
+"""The whole mPLUG-Owl method, end to end, on a CPU in minutes.
 
     python train.py --demo OUT [--ablation]
 
@@ -6,7 +6,7 @@
 2. A tiny LLaMA is pretrained on the world's text (it stands in for the pretrained LLM, the paper's
    raw LLaMA-7B) and written in the HF LLaMA layout; a tiny ViT is pretrained for seconds to name what
    each cell of an image holds and written in the HF CLIP layout (it stands in for CLIP ViT-L/14,
-   which we cannot download). owl/demo_pretrain.py.
+   which we cannot download). owl/demo/stand_ins.py.
 3. Stage 1 (train.py --stage 1): ViT + abstractor + queries trained on captions, LLaMA frozen.
 4. Stage 2 (train.py --stage 2): LoRA + abstractor trained on text-only and multimodal instructions.
 5. Greedy answers to held-out questions on held-out images are scored (exact match after
@@ -33,11 +33,13 @@ from dataclasses import dataclass
 import torch
 
 from . import world
-from .config import OwlConfig, VisionConfig, AbstractorConfig, LlamaConfig
-from .demo_pretrain import pretrain_llm, pretrain_vit, write_hf_clip, write_hf_llama
-from .tokenizer import Tokenizer, build_prompt
-from .generate import generate
-from .image import load_image
+from .report import write_report
+from .stand_ins import notes_ids, pretrain_llm, pretrain_vit, write_hf_clip, write_hf_llama
+from ..config import OwlConfig, VisionConfig, AbstractorConfig, LlamaConfig
+from ..generate import generate
+from ..image import load_image
+from ..tokenizer import Tokenizer, build_prompt
+from ..weights import load_model
 
 
 @dataclass
@@ -108,7 +110,6 @@ def evaluate(model, tok, test_file, batch_size=32, max_new_tokens=8, notes=False
 
     notes=True is the ceiling: the LLM reads each image's notes in words (as in its pretraining) in
     place of the visual tokens, so only the LLM is tested, not the ViT and the abstractor."""
-    from .demo_pretrain import notes_ids
     root = os.path.dirname(os.path.abspath(test_file))
     with open(test_file) as f:
         tests = json.load(f)
@@ -134,42 +135,35 @@ def evaluate(model, tok, test_file, batch_size=32, max_new_tokens=8, notes=False
 
 # ----------------------------------------------------------------------------- the stages, through train.py
 
-def train_main(argv):
-    """train.main(argv): the demo runs the very code a real training run does."""
-    try:
-        import train
-    except ImportError:  # imported from elsewhere than the repository root (a notebook, a test)
-        import sys
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        import train
-    return train.main([str(x) for x in argv])
-
-
 def stage_args(d: DemoConfig, stage, out, data, steps, lr):
     return ["--stage", stage, "--data", ",".join(data), "--out", out, "--max-steps", steps, "--batch-size",
             d.batch_size, "--lr", lr, "--warmup-steps", max(1, steps // 10), "--seed", d.seed, "--dropout", 0,
             "--save-every", 0, "--eval-every", max(steps // 4, 1), "--eval-examples", 64, "--device", "cpu"]
 
 
-def stage1(d, out, world_paths, clip_dir, llm_dir, steps):
+def stage1(train_main, d, out, world_paths, clip_dir, llm_dir, steps):
     """Stage 1: ViT + abstractor + queries on captions, LLaMA frozen (train.py --stage 1)."""
-    return train_main(stage_args(d, 1, out, [world_paths["captions"]], steps, d.stage1_lr) + [
+    args = stage_args(d, 1, out, [world_paths["captions"]], steps, d.stage1_lr) + [
         "--vision-init", clip_dir, "--llm-init", llm_dir, "--num-queries", d.num_query_tokens,
         "--vision-lr", d.stage1_vision_lr,
-        "--abstractor-layers", d.abstractor_layers, "--abstractor-heads", 4, "--abstractor-mlp", 256])
+        "--abstractor-layers", d.abstractor_layers, "--abstractor-heads", 4, "--abstractor-mlp", 256]
+    return train_main([str(x) for x in args])
 
 
-def stage2(d, out, world_paths, init, steps):
+def stage2(train_main, d, out, world_paths, init, steps):
     """Stage 2: LoRA + abstractor on multimodal and text-only instructions, ViT frozen (--stage 2)."""
     data = [world_paths["instructions"], world_paths["text_instructions"]]
-    return train_main(stage_args(d, 2, out, data, steps, d.stage2_lr) + [
-        "--init", init, "--lora-r", d.lora_r, "--lora-alpha", d.lora_alpha, "--lora-targets", d.lora_targets])
+    args = stage_args(d, 2, out, data, steps, d.stage2_lr) + [
+        "--init", init, "--lora-r", d.lora_r, "--lora-alpha", d.lora_alpha, "--lora-targets", d.lora_targets]
+    return train_main([str(x) for x in args])
 
 
 # ----------------------------------------------------------------------------- the whole demo
 
-def run_demo(out, ablation=False, quick=False, **overrides):
-    """Generate the world, pretrain the LLM, run both stages, evaluate, write the report; returns out."""
+def run_demo(out, train_main, ablation=False, quick=False, **overrides):
+    """Generate the world, pretrain the stand-ins, run both stages, evaluate, write the report; returns
+    out. train_main is train.py's main (argv -> output dir): the demo trains through the very code a
+    real run does, and the package never imports the script."""
     d = DemoConfig(**{**(QUICK if quick else {}), **overrides})
     # train.py refuses to overwrite a stage's output, so a second run into the same OUT would stop after
     # minutes of pretraining: refuse at once instead, and never delete an earlier run
@@ -180,13 +174,12 @@ def run_demo(out, ablation=False, quick=False, **overrides):
     threads = torch.get_num_threads()
     torch.set_num_threads(d.threads or threads)
     try:
-        return _run_demo(out, d, ablation)
+        return _run_demo(out, train_main, d, ablation)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_demo(out, d: DemoConfig, ablation):
-    from .checkpoint import load_model
+def _run_demo(out, train_main, d: DemoConfig, ablation):
     cfg = owl_config(d)
     os.makedirs(out, exist_ok=True)
     times, t = {}, time.time()
@@ -214,17 +207,17 @@ def _run_demo(out, d: DemoConfig, ablation):
     write_hf_clip(vit, clip_dir)
     lap("pretrain_vit")
 
-    s1 = stage1(d, os.path.join(out, "stage1"), paths, clip_dir, llm_dir, d.stage1_steps)
+    s1 = stage1(train_main, d, os.path.join(out, "stage1"), paths, clip_dir, llm_dir, d.stage1_steps)
     lap("stage1")
-    s2 = stage2(d, os.path.join(out, "stage2"), paths, s1, d.stage2_steps)
+    s2 = stage2(train_main, d, os.path.join(out, "stage2"), paths, s1, d.stage2_steps)
     lap("stage2")
     runs = {"both": s2}
     if ablation:
         runs["stage1_only"] = s1  # multimodal pretraining, no instruction tuning
         # No multimodal pretraining: stage 1 for 0 steps exports the unaligned model (the stand-in CLIP
         # ViT, a fresh abstractor, the LLM) by the same code path; stage 2 then starts from it.
-        s0 = stage1(d, os.path.join(out, "unaligned"), paths, clip_dir, llm_dir, 0)
-        runs["stage2_only"] = stage2(d, os.path.join(out, "stage2_only"), paths, s0, d.stage2_steps)
+        s0 = stage1(train_main, d, os.path.join(out, "unaligned"), paths, clip_dir, llm_dir, 0)
+        runs["stage2_only"] = stage2(train_main, d, os.path.join(out, "stage2_only"), paths, s0, d.stage2_steps)
         lap("ablation")
     results = {}
     for name, path in runs.items():
@@ -233,6 +226,5 @@ def _run_demo(out, d: DemoConfig, ablation):
     # the ceiling: the stand-in LLM (frozen in stage 1) reading each image's notes in words
     results["llm_reads_notes"] = evaluate(load_model(s1)[0], tok, paths["test"], notes=True)
     lap("evaluate")
-    from .demo_report import write_report
     write_report(out, d, results, runs, times)
     return out

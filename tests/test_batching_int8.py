@@ -1,7 +1,6 @@
-"""The speed features keep the results: batched greedy == unbatched greedy (left padding, per-row EOS),
-and weight-only int8 stays close to fp32 (owl/quant.py). Timings are in bench/, not here."""
+"""Batched generation and int8 keep the results: batched greedy == unbatched greedy (left padding,
+per-row EOS), and weight-only int8 stays close to fp32 (owl/quant.py). Timings are in bench/."""
 import copy
-import json
 import os
 
 import pytest
@@ -11,11 +10,7 @@ import torch.nn.functional as F
 import owl
 from owl.generate import encode_batch, generate_tokens
 from owl.quant import Int8Linear, int8_matmul_reference, quantize_int8, quantize_weight, weight_bytes
-
-
-def load_cases(ref):
-    with open(os.path.join(ref, "cases.json")) as f:
-        return json.load(f)
+from tests.conftest import load_cases
 
 
 def case_images(ref, case):
@@ -63,7 +58,7 @@ def test_batched_rows_stop_at_their_own_eos(ref, owl_model):
                                          [im for c in cases for im in case_images(ref, c)])
     model.language_model.setup_caches(len(cases), ids.shape[1] + 16)
     try:
-        out = generate_tokens(model, ids, embeds, 16, 0, pad_mask, eos_id=eos)
+        out = generate_tokens(model, ids, embeds, max_new_tokens=16, pad_mask=pad_mask, eos_id=eos)
     finally:
         model.language_model.reset_caches()
     assert out == want

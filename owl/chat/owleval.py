@@ -16,8 +16,8 @@ import io
 import json
 import os
 
-from .chat_session import ContextFull
-from .image import ImageError, load_image
+from ..image import ImageError, load_image
+from .session import ContextFull
 
 # The Self-Instruct rating scale the paper uses.
 GRADES = {"A": "correct and satisfying", "B": "acceptable, with minor errors or imperfections",

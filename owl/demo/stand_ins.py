@@ -1,5 +1,5 @@
-"""The demo's stand-ins for the pretrained models the paper starts from (owl/demo.py), and the HF
-layouts that train.py --stage 1 reads them in.
+"""The demo's stand-ins for the pretrained models the paper starts from, and the HF layouts that
+train.py --stage 1 reads them in.
 
   LLaMA-7B -> a tiny LLaMA pretrained for a minute or two on the world's text (pretrain_llm),
               written as an HF LLaMA checkpoint (write_hf_llama: config.json + model.safetensors
@@ -14,15 +14,18 @@ import os
 
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from . import world
-from .config import LlamaConfig, VisionConfig
-from .image import load_image
-from .llama import Llama
-from .data import collate, tokenize_caption, tokenize_conversation
-from .model import IGNORE, lm_loss_sum
-from .tokenizer import Tokenizer
-from .vision import VisionTransformer
+from ..config import LlamaConfig, VisionConfig
+from ..image import load_image, preprocess_image
+from ..llama import Llama
+from ..model import lm_loss_sum
+from ..tokenizer import IGNORE, IMAGE_SLOT, Tokenizer
+from ..train.batches import collate
+from ..train.data import tokenize_caption, tokenize_conversation
+from ..vision import VisionTransformer
+from ..weights import unmap_hf_clip
 
 
 # ----------------------------------------------------------------------------- HF layouts (the inputs of stage 1)
@@ -45,29 +48,6 @@ def write_hf_llama(llm: Llama, out_dir, tokenizer_file):
         dst.write(src.read())
 
 
-def unmap_hf_clip(sd, cfg: VisionConfig):
-    """Our ViT state dict -> HF CLIP `vision_model.*` names: the inverse of checkpoint.map_hf_clip.
-    The fused per-head [q_h; k_h; v_h] rows of query_key_value are split back into q/k/v_proj."""
-    from .checkpoint import HF_CLIP, _template
-    inverse = {ours: hf for hf, ours in HF_CLIP.items()}
-    C, nh = cfg.hidden_size, cfg.num_attention_heads
-    out = {}
-    for k, v in sd.items():
-        t, i = _template(k)
-        if t.endswith("self_attn.query_key_value.weight") or t.endswith("self_attn.query_key_value.bias"):
-            kind = k.rsplit(".", 1)[1]
-            parts = v.reshape(nh, 3, C // nh, *v.shape[1:])  # (nh, 3, hs, ...)
-            for j, p in enumerate("qkv"):
-                out[f"vision_model.encoder.layers.{i}.self_attn.{p}_proj.{kind}"] = parts[:, j].reshape(C, *v.shape[1:])
-        elif t not in inverse:
-            raise KeyError(f"no HF CLIP name for {k}")
-        else:
-            out[inverse[t].format(i)] = v
-    out["vision_model.embeddings.class_embedding"] = out["vision_model.embeddings.class_embedding"].reshape(-1)
-    out["vision_model.embeddings.position_embedding.weight"] = out["vision_model.embeddings.position_embedding.weight"][0]
-    return {k: v.detach().contiguous() for k, v in out.items()}
-
-
 def write_hf_clip(vit: VisionTransformer, out_dir):
     """config.json (with vision_config) + model.safetensors (vision_model.*) as an HF CLIPModel."""
     c = vit.config
@@ -78,7 +58,7 @@ def write_hf_clip(vit: VisionTransformer, out_dir):
               "patch_size": c.patch_size, "layer_norm_eps": c.layer_norm_eps, "attention_dropout": c.dropout,
               "num_channels": 3}
     config = {"architectures": ["CLIPModel"], "model_type": "clip", "vision_config": vision,
-              "note": "random weights written by owl/demo.py: a stand-in for a pretrained CLIP"}
+              "note": "the demo's stand-in for a pretrained CLIP (owl/demo/stand_ins.py)"}
     save_file(unmap_hf_clip(vit.state_dict(), c), os.path.join(out_dir, "model.safetensors"),
               metadata={"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -116,8 +96,8 @@ def encode_doc(tok: Tokenizer, doc, i):
         labels = [IGNORE] * len(ids) + tok.sp.encode(answer) + [tok.eos_id]
         ids += labels[len(ids):]
     notes, out, k = iter(doc["notes"]), [], 0
-    while k < len(ids):  # each run of image_tokens slots (-1) becomes the next image's notes
-        if ids[k] < 0:
+    while k < len(ids):  # each run of image_tokens slots becomes the next image's notes
+        if ids[k] == IMAGE_SLOT:
             out += notes_ids(tok, next(notes))
             k += tok.image_tokens
         else:
@@ -153,7 +133,6 @@ def pretrain_llm(cfg: LlamaConfig, tok: Tokenizer, corpus_file, steps, batch_siz
     opt = torch.optim.AdamW(llm.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 10)
     data = lm_batches(tok, corpus_file, batch_size, seed)
-    from tqdm import tqdm
     bar = tqdm(range(steps), desc="pretrain LLM", dynamic_ncols=True, leave=False)
     for step in bar:
         # linear warm-up, then cosine decay to lr / 10
@@ -187,7 +166,6 @@ def pretrain_vit(cfg: VisionConfig, labels_file, steps, batch_size, lr, seed, lo
     """A few hundred steps of supervised pretraining (per cell: which thing, which colour or word, which
     size) from linear heads on the mean of each cell's patch tokens. It stands in for CLIP's
     contrastive pretraining: stage 1 starts from a ViT that already sees, as in the paper."""
-    from .image import preprocess_image
     torch.manual_seed(seed)
     vit = VisionTransformer(cfg)
     vit.init_weights()
@@ -202,7 +180,6 @@ def pretrain_vit(cfg: VisionConfig, labels_file, steps, batch_size, lr, seed, lo
     params = list(vit.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     g = torch.Generator().manual_seed(seed)
-    from tqdm import tqdm
     bar = tqdm(range(steps), desc="pretrain ViT", dynamic_ncols=True, leave=False)
     for step in bar:
         warm = max(1, steps // 20)  # linear warm-up, then cosine to 0

@@ -1,6 +1,6 @@
-"""Does the demo's stand-in LLM look things up by the question's words? A probe, not a test (issue 5).
+"""Does the demo's stand-in LLM look things up by the question's words? A research probe, not a test.
 
-  python train.py --demo runs/demo && python bench/llm_lookup_probe.py runs/demo
+  python train.py --demo runs/demo && python -m owl.demo.probe runs/demo
 
 It reads the pretrained stand-in LLM (OUT/llm) and its training text (OUT/world/corpus.jsonl) and,
 per question template, sets its teacher-forced answer accuracy on its own training conversations
@@ -20,11 +20,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from owl import world  # noqa: E402
-from owl.checkpoint import load_llama, load_tokenizer  # noqa: E402
-from owl.demo_pretrain import encode_doc  # noqa: E402
-from owl.model import IGNORE  # noqa: E402
+from . import world
+from .stand_ins import encode_doc
+from ..tokenizer import IGNORE
+from ..weights import load_llama, load_tokenizer
 
 
 def items_in(note):

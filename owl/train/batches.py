@@ -1,0 +1,75 @@
+"""Examples -> what the loop consumes: a held-out split, the step-indexed sampler that makes batch,
+accumulation and processes see the same examples per step, the dataset (images read here, in the
+DataLoader's workers) and the collate function (right padding).
+"""
+import torch
+
+from ..image import ImageError, load_image, preprocess_image
+from ..tokenizer import IGNORE
+
+def split_examples(examples, n_eval, seed):
+    """(train, held-out): a fixed shuffle (seed) puts n_eval examples aside for the eval loss."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """This rank's micro-batches, step by step from start_step: optimizer step s takes the global
+    positions [s*G, (s+1)*G), G = world * grad_accum * batch_size, of an endless stream that
+    reshuffles each epoch (seed + epoch). Micro-batch m of rank r is positions (m*world + r)*B ...
+    The data position is thus the step alone, and batch 2 == accumulation 2 == 2 processes."""
+
+    def __init__(self, n, batch_size, grad_accum, max_steps, seed, rank=0, world=1, start_step=0):
+        self.n, self.batch_size, self.grad_accum, self.max_steps, self.seed = n, batch_size, grad_accum, max_steps, seed
+        self.rank, self.world, self.start = rank, world, start_step
+        self.perms = {}
+
+    def index(self, pos):
+        e = pos // self.n
+        if e not in self.perms:
+            self.perms = {e: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e)).tolist()}
+        return self.perms[e][pos % self.n]
+
+    def __len__(self):
+        return (self.max_steps - self.start) * self.grad_accum
+
+    def __iter__(self):
+        B, A, W = self.batch_size, self.grad_accum, self.world
+        for s in range(self.start, self.max_steps):
+            for m in range(A):
+                first = s * W * A * B + (m * W + self.rank) * B
+                yield [self.index(first + j) for j in range(B)]
+
+
+class OwlDataset(torch.utils.data.Dataset):
+    """Examples -> dicts of tensors; images are read here (so a DataLoader's workers do it). An image
+    that fails to load makes the item None: collate drops it and counts it."""
+
+    def __init__(self, examples, image_size):
+        self.examples, self.image_size = examples, image_size
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        ex = self.examples[i]
+        try:
+            px = [preprocess_image(load_image(p), self.image_size) for p in ex.images]
+        except ImageError as e:
+            return {"bad": str(e)}
+        return {"ids": torch.tensor(ex.ids), "labels": torch.tensor(ex.labels),
+                "pixel_values": torch.stack(px) if px else None}
+
+
+def collate(items, pad_id=0):
+    """Right-padded (B, T) ids and labels, all images of the batch in order (N, 3, H, W), and the
+    messages of items dropped for a bad image. Right padding needs no attention mask (causal)."""
+    bad = [it["bad"] for it in items if "bad" in it]
+    items = [it for it in items if "bad" not in it]
+    T = max((len(it["ids"]) for it in items), default=1)
+    ids = torch.full((len(items), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), T), IGNORE, dtype=torch.long)
+    for b, it in enumerate(items):
+        ids[b, :len(it["ids"])], labels[b, :len(it["labels"])] = it["ids"], it["labels"]
+    px = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
+    return {"input_ids": ids, "labels": labels, "pixel_values": torch.cat(px) if px else None, "bad": bad}

@@ -1,0 +1,83 @@
+"""What each stage trains (paper, "Training Scheme"), and the optimizer's view of it.
+
+  stage 1, multimodal pretraining: fV (ViT) + fK (abstractor, query tokens) train; fL (LLaMA) frozen,
+           but the gradient still flows through it back to the visual tokens.
+  stage 2, joint instruction tuning: LoRA on fL + fK (the abstractor and its query tokens) train;
+           fV and fL's base weights frozen.
+           The paper trains the abstractor in stage 2; the released script (peft, LoRA on q_proj and
+           v_proj) trained LoRA only: `train_abstractor=False` (train.py --freeze-abstractor) does that.
+
+Frozen weights get requires_grad False, hence no gradient and no optimizer state. Also here: the
+precision of frozen weights, AdamW parameter groups and the --dropout switch.
+"""
+import torch
+
+from ..abstractor import AbstractorAttention
+from ..lora import LoRALinear, mark_only_lora_as_trainable
+from ..vision import VisionAttention
+
+# Tensors we treat like embeddings: no weight decay (as the 1-D norms and biases).
+NO_DECAY = ("query_tokens", "abstractor.vit_eos", "vision_model.embeddings.cls_token",
+            "vision_model.embeddings.position_embedding")
+
+
+def set_trainable(model, stage, train_abstractor=True):
+    """requires_grad per stage; returns the names of the trainable parameters."""
+    if stage == 1:
+        for name, p in model.named_parameters():
+            p.requires_grad_(not name.startswith("language_model."))
+    else:
+        mark_only_lora_as_trainable(model)
+        if train_abstractor:
+            for name, p in model.named_parameters():
+                if name.startswith("abstractor.") or name == "query_tokens":
+                    p.requires_grad_(True)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def train_mode(model, stage):
+    """model.train(), except the ViT in stage 2: frozen, so no dropout either."""
+    model.train()
+    if stage == 2:
+        model.vision_model.eval()
+
+
+def count_by_module(model):
+    """{top-level module: (trainable, total)} parameter counts, for the log at start."""
+    out = {}
+    for name, p in model.named_parameters():
+        top = name.split(".")[0]
+        t, n = out.get(top, (0, 0))
+        out[top] = (t + p.numel() * p.requires_grad, n + p.numel())
+    return out
+
+
+def cast_frozen(model, dtype):
+    """Frozen weights to the compute dtype (halves their memory on a GPU); trainable ones stay fp32."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype if not p.requires_grad else torch.float32)
+
+
+def param_groups(model, weight_decay, vision_lr_scale=1.0):
+    """AdamW groups: decay on matrices (LoRA A/B included), none on norms, biases and the
+    embedding-like tensors in NO_DECAY (the usual convention; the paper does not say). The ViT's
+    parameters get lr x vision_lr_scale (train.py --vision-lr): a pretrained tower next to a fresh
+    abstractor often wants a smaller lr (the paper uses one lr for both)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            decay = not (p.dim() < 2 or name in NO_DECAY)
+            scale = vision_lr_scale if name.startswith("vision_model.") else 1.0
+            g = groups.setdefault((decay, scale), {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                                                   "lr_scale": scale})
+            g["params"].append(p)
+    return list(groups.values())
+
+
+def set_dropout(model, p):
+    """One number for every dropout: ViT attention, abstractor attention, LoRA (0 = all off)."""
+    for m in model.modules():
+        if isinstance(m, (VisionAttention, AbstractorAttention)):
+            m.dropout = p
+        elif isinstance(m, LoRALinear):
+            m.lora_dropout.p = p
