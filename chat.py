@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     p.add_argument("--adapter", metavar="FILE", help="a stage-2 adapter.safetensors written by train.py (adapter.json beside it)")
     p.add_argument("--int8", action="store_true", help="int8 weights for the LLM's linear layers (owl/quant.py)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on a GPU; "
+                   "the first answer waits for it to compile)")
     p.add_argument("--stats", action="store_true", help="after each answer: time to first token, tokens/s")
     p.add_argument("--prompt", metavar="TEXT", help="one-shot: answer this question ('-' reads it from stdin) and exit")
     p.add_argument("--raw-prompt", metavar="TEXT", help="one-shot: a complete prompt in the official template, verbatim")
@@ -272,7 +274,7 @@ def main(argv=None):
                 raise UsageError(f"--raw-prompt: {e} (one --image per {owl.IMAGE})") from None
         model, tok = load(args)
         session = ChatSession(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, compile=args.compile)
         if args.owleval:
             return run_owleval(session, args)
         if args.prompt is not None or args.raw_prompt is not None:

@@ -6,8 +6,9 @@ public entry point that takes prompts in the official template and PIL images.
 Stopping follows the official model (HF generate): a row ends at EOS, which is returned with it.
 Several prompts generate as one batch with left padding; each row keeps its own positions, so
 greedy results equal the unbatched ones. Speed (bench/run.py): prefill and generation run under
-torch.inference_mode, the loop copies each step's ids to the host once, and generate(compile=True)
-runs the decode step through torch.compile.
+torch.inference_mode, the loop copies each step's ids to the host once, the KV cache is static
+(owl/llama.py: full length, masked) and generate(compile=True) runs the decode step through
+torch.compile, with CUDA graphs on a GPU (gpt-fast's recipe). Prefill stays eager.
 """
 import functools
 
@@ -42,7 +43,9 @@ def prefill(model, input_ids, image_embeds=None, start_pos=0, pad_mask=None, pos
                  last_only=True)[:, -1]
 
 
-def decode_one_token(model, token, pos, pad_mask=None, position_ids=None):  # token (B,)
+def decode_one_token(model, token, pos, pad_mask=None, position_ids=None):  # token (B,), pos (1,) tensor or int
+    """Next-token logits (B, vocab) after one new token at cache slot `pos`. With the static cache its
+    shapes are the same at every position, so compiled_decode_one_token compiles it once."""
     llm = getattr(model, "language_model", model)  # a new token is text: the LLM alone
     return llm(token[:, None], start_pos=pos, pad_mask=pad_mask, position_ids=position_ids)[:, -1]  # (B, vocab)
 
@@ -54,39 +57,51 @@ def generate_tokens(model, input_ids, image_embeds=None, *, max_new_tokens=64, s
     """Generate after input_ids (B, T) with the caches already set up (positions < start_pos cached).
     stream(ids) is called with the (B,) new ids at each step; returning True stops early.
     Returns the new ids of each row, up to and including its EOS. `decode` may be
-    compiled_decode_one_token() (GPU)."""
+    compiled_decode_one_token(device type)."""
     B, T = input_ids.shape
+    llm = getattr(model, "language_model", model)
+    L = llm.cache_len()
+    if L is None or start_pos + T + max_new_tokens - 1 > L:  # the last new token is never run
+        raise ValueError(f"the KV cache holds {L} positions; this needs {start_pos + T + max_new_tokens - 1}")
     position_ids = None
     if pad_mask is not None:  # left padding: each row counts positions from its first real token
-        pad_mask = torch.cat([pad_mask, pad_mask.new_ones(B, max_new_tokens)], dim=1)  # (B, T + new)
-        position_ids = (pad_mask[:, :T].long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        position_ids = (pad_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        full = pad_mask.new_ones(B, L)  # (B, L): the slots after the prompt are real tokens to come
+        full[:, start_pos:start_pos + T] = pad_mask
+        pad_mask = full
     logits = prefill(model, input_ids, image_embeds, start_pos, pad_mask, position_ids)
+    # The decode step's position is a tensor on the device, advanced in place: no host value changes
+    # between steps, so a compiled step (and its CUDA graph) serves every position.
+    pos = torch.tensor([start_pos + T], device=input_ids.device)  # (1,)
     out, done = [[] for _ in range(B)], [False] * B
     for step in range(max_new_tokens):
-        token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+        token = sample(logits, temperature, top_k, top_p, generator)  # (B,), on the device
         for b, t in enumerate(token.tolist()):  # one device->host copy per step, not one per row
             if not done[b]:
                 out[b].append(t)
                 done[b] = t == eos_id
         if (stream is not None and stream(token)) or all(done) or step == max_new_tokens - 1:
             break
-        pos = start_pos + T + step
         if position_ids is not None:
             position_ids = position_ids[:, -1:] + 1  # (B, 1)
         logits = decode(model, token, pos, pad_mask, position_ids)
+        pos += 1
     return out
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_decode_one_token():
-    """decode_one_token through torch.compile (for GPUs; the first steps compile for a minute).
+def compiled_decode_one_token(device_type="cuda"):
+    """decode_one_token through torch.compile, fullgraph=True (a graph break is an error, not a
+    silent slowdown). On CUDA mode="reduce-overhead" also records the step as a CUDA graph: one
+    launch per token instead of several hundred kernels, what takes gpt-fast past the launch-bound
+    25-45 tok/s of eager decoding. Elsewhere plain torch.compile, which fuses the elementwise work.
 
-    The position `pos` grows by one each step and the KV cache is read up to it, so shapes are dynamic
-    (`dynamic=True` compiles once instead of once per position); that rules out CUDA graphs
-    ("reduce-overhead"), which need the static shapes of gpt-fast's full-length masked cache. What it
-    buys is fused elementwise work (RMSNorm, RoPE, SwiGLU; with int8, the dequantization): 1.15x eager
-    on a 2-core CPU (bench/RESULTS.md). A new cache length (another prompt length) recompiles."""
-    return torch.compile(decode_one_token, dynamic=True)
+    The static KV cache and the tensor position make the step's shapes and guards the same at every
+    position and for every prompt whose cache length (llama.cache_length) is the same, so it compiles
+    once per (model, batch, cache length, padding or not); the first call takes a minute on a GPU,
+    20-60 s on a small CPU. Sampling stays outside, eager, on the device."""
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    return torch.compile(decode_one_token, mode=mode, fullgraph=True)
 
 
 def visual_tokens(model, images):
@@ -123,7 +138,8 @@ def generate(model, tokenizer, prompt, images=(), max_new_tokens=128, temperatur
     `prompt` may be a list of prompts (then `images` are all their images in order, and a list of
     id lists is returned). temperature 0 is greedy; `seed` makes sampling repeatable; stream is called
     with each new id (an int; a (B,) tensor for a list of prompts) and may return True to stop.
-    compile=True runs the decode step through torch.compile (worth it on a GPU, for long outputs).
+    compile=True runs the decode step through torch.compile (worth it on a GPU, for long outputs; the
+    first call compiles, later prompts of a similar length reuse it).
     image_embeds (N, image_tokens, C) may replace the images: visual tokens computed beforehand."""
     single = isinstance(prompt, str)
     prompts = [prompt] if single else list(prompt)
@@ -137,12 +153,12 @@ def generate(model, tokenizer, prompt, images=(), max_new_tokens=128, temperatur
         user_stream = stream
         stream = lambda t: user_stream(int(t[0]))  # one prompt: the callback gets plain ints
     llm = model.language_model
-    llm.setup_caches(B, T + max_new_tokens)
+    llm.setup_caches(B, T + max_new_tokens)  # rounded up to a multiple of 256 (llama.cache_length)
     try:
         out = generate_tokens(model, ids, embeds, max_new_tokens=max_new_tokens, pad_mask=pad_mask,
                               temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
                               eos_id=tokenizer.eos_id, stream=stream,
-                              decode=compiled_decode_one_token() if compile else decode_one_token)
+                              decode=compiled_decode_one_token(ids.device.type) if compile else decode_one_token)
     finally:
         llm.reset_caches()
     return out[0] if single else out

@@ -43,9 +43,19 @@ def apply_rope(x, cos, sin):  # x (B, nh, T, hs)
     return x * cos + rotate_half(x) * sin
 
 
+def cache_length(n, context, bucket=256):
+    """The KV cache length for n positions: n rounded up to a multiple of `bucket`, but no longer
+    than the model's context (and never shorter than n). Prompts of different lengths then share one
+    cache shape, hence one compiled decode step (gpt-fast fixes it per model; a bucket wastes less)."""
+    return max(n, min(-(-n // bucket) * bucket, context))
+
+
 class KVCache(nn.Module):
-    """Preallocated keys and values (gpt-fast): `update` writes T new positions at `start` and
-    returns the cache filled so far, so a decode step never concatenates or reallocates."""
+    """Preallocated keys and values, read at their full length (gpt-fast's static cache): `update`
+    writes T new positions at the cache slots `slots` and returns the whole cache; the attention mask
+    hides the slots not written yet. A decode step thus has the same shapes at every position and for
+    every prompt that fits, which torch.compile and CUDA graphs need. The slots never written hold
+    zeros or an earlier turn's keys, always finite, so masking them out is exact."""
 
     def __init__(self, batch_size, n_kv_head, max_seq_len, head_dim, dtype, device=None):
         super().__init__()
@@ -53,13 +63,11 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start, k, v):  # k, v (B, nkv, T, hs)
-        B, T = k.shape[0], k.shape[2]
-        if start + T > self.k.shape[2]:
-            raise ValueError(f"KV cache overflow: {start + T} positions > cache length {self.k.shape[2]}")
-        self.k[:B, :, start:start + T] = k
-        self.v[:B, :, start:start + T] = v
-        return self.k[:B, :, :start + T], self.v[:B, :, :start + T]  # (B, nkv, start+T, hs)
+    def update(self, slots, k, v):  # slots (T,) long; k, v (B, nkv, T, hs)
+        B = k.shape[0]
+        self.k[:B].index_copy_(2, slots, k)
+        self.v[:B].index_copy_(2, slots, v)
+        return self.k[:B], self.v[:B]  # (B, nkv, L, hs), L = the cache length
 
 
 class Attention(nn.Module):
@@ -72,21 +80,21 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
         self.kv_cache = None  # a KVCache while generating (Llama.setup_caches)
 
-    def forward(self, x, cos, sin, mask, start_pos):
+    def forward(self, x, cos, sin, mask, slots):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(start_pos, k, v)  # (B, nkv, S, hs), S = start_pos + T
+            k, v = self.kv_cache.update(slots, k, v)  # (B, nkv, L, hs): the whole cache
         if self.n_kv_head != self.n_head:  # grouped-query attention: share each kv head
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, nh, S, hs)
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, nh, L, hs)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        if mask is None:  # plain causal over T == S, or one new token seeing everything before it
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        if mask is None:  # no cache and no padding: plain causal over the T tokens
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask (B, 1, T, S), True = attend
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask (B or 1, 1, T, L), True = attend
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 
@@ -109,8 +117,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, start_pos):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start_pos)
+    def forward(self, x, cos, sin, mask, slots):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -133,14 +141,21 @@ class Llama(nn.Module):
         self.grad_checkpointing = False
 
     def setup_caches(self, batch_size, max_seq_len, dtype=None, device=None):
-        """Allocate a KV cache of max_seq_len positions in every layer (call before generating).
+        """Allocate a KV cache in every layer (call before generating) for max_seq_len positions,
+        rounded up by cache_length so that other prompt lengths reuse one compiled decode step.
         Its dtype defaults to the embedding's, which owl/quant.py never quantizes (lm_head may be int8).
         Returns the caches (a session that keeps them across calls checks them with has_caches)."""
         w = self.model.embed_tokens.weight
+        L = cache_length(max_seq_len, self.config.max_position_embeddings)
         for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(batch_size, self.config.num_key_value_heads, max_seq_len,
+            layer.self_attn.kv_cache = KVCache(batch_size, self.config.num_key_value_heads, L,
                                                self.config.head_dim, dtype or w.dtype, device or w.device)
         return [layer.self_attn.kv_cache for layer in self.model.layers]
+
+    def cache_len(self):
+        """The length of the KV caches in place (None without)."""
+        cache = self.model.layers[0].self_attn.kv_cache
+        return None if cache is None else cache.k.shape[2]
 
     def has_caches(self, caches):
         """Whether `caches` (from setup_caches) are still the ones in place: any owl.generate call on
@@ -153,19 +168,28 @@ class Llama(nn.Module):
 
     def forward(self, input_ids=None, inputs_embeds=None, start_pos=0, pad_mask=None, position_ids=None,
                 last_only=False):
-        """Logits for input_ids (B, T) or inputs_embeds (B, T, C) placed at positions start_pos.. of the
-        cache. pad_mask (B, start_pos + T), True for real tokens, is only needed with left padding."""
+        """Logits for input_ids (B, T) or inputs_embeds (B, T, C) placed at the cache slots start_pos..
+        start_pos + T - 1. start_pos is an int, or a (1,) long tensor (the decode step: a tensor, so a
+        compiled step serves every position). pad_mask, True for real tokens, is only needed with left
+        padding: (B, cache length) with caches (slots not written yet may hold anything), (B, T) without."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
+        slots = start_pos + torch.arange(T, device=x.device)  # (T,) cache slots of the new tokens
         if position_ids is None:
-            position_ids = torch.arange(start_pos, start_pos + T, device=x.device).expand(B, T)  # (B, T)
+            position_ids = slots.expand(B, T)  # (B, T): no padding, so a token's position is its slot
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        mask = causal_mask(T, start_pos, pad_mask, x.device)
+        L = self.cache_len()
+        if L is None:  # training, or a forward without cache: causal over the T tokens
+            mask = None if pad_mask is None else attention_mask(slots, T, pad_mask)
+        else:
+            if isinstance(start_pos, int) and start_pos + T > L:
+                raise ValueError(f"KV cache overflow: {start_pos + T} positions > cache length {L}")
+            mask = attention_mask(slots, L, pad_mask)  # (B or 1, 1, T, L)
         for layer in self.model.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, start_pos, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, slots, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, start_pos)  # (B, T, C)
+                x = layer(x, cos, sin, mask, slots)  # (B, T, C)
         if last_only:
             x = x[:, -1:]  # (B, 1, C): prefill needs only the next-token logits
         return self.lm_head(self.model.norm(x))  # (B, T, vocab)
@@ -175,16 +199,14 @@ class Llama(nn.Module):
             nn.init.ones_(p) if p.dim() == 1 else nn.init.normal_(p, std=std)
 
 
-def causal_mask(T, start_pos, pad_mask, device):
-    """None where SDPA's own causal flag suffices; else a (B, 1, T, S) boolean mask, True = attend."""
-    if pad_mask is None and (start_pos == 0 or T == 1):
-        return None
-    S = start_pos + T
-    q_pos = torch.arange(start_pos, S, device=device)[:, None]  # (T, 1)
-    mask = torch.arange(S, device=device)[None, :] <= q_pos  # (T, S)
-    mask = mask[None, None]  # (1, 1, T, S)
-    if pad_mask is not None:
-        # A padding query would see no key at all (and SDPA would give NaN, which then leaks through
-        # 0 * NaN); letting every position see itself keeps the padded rows finite and harmless.
-        mask = (mask & pad_mask[:, None, None, :S]) | (torch.arange(S, device=device)[None, :] == q_pos)
-    return mask
+def attention_mask(slots, L, pad_mask=None):
+    """(B or 1, 1, T, L) boolean, True = attend: the query at cache slot p sees the keys at slots <= p
+    (later slots are not written yet, or hold an earlier turn's), and with left padding only real tokens."""
+    keys = torch.arange(L, device=slots.device)  # (L,)
+    mask = keys <= slots[:, None]  # (T, L)
+    if pad_mask is None:
+        return mask[None, None]  # (1, 1, T, L)
+    # A padding query would see no key at all (and SDPA would give NaN, which then leaks through
+    # 0 * NaN); letting every position see itself keeps the padded rows finite and harmless.
+    mask = (mask & pad_mask[:, None, :]) | (keys == slots[:, None])  # (B, T, L)
+    return mask[:, None]  # (B, 1, T, L)

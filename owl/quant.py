@@ -43,10 +43,16 @@ def int8_matmul_reference(x, w_q, scales):  # x (..., in)
     return F.linear(x, w_q.to(x.dtype)) * scales.to(x.dtype)  # (..., out)
 
 
+HAS_INT8_MM = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
 def cpu_int8_kernel_ok(x):
     """PyTorch's CPU weight-only int8 kernel takes bf16 activations; it is fast for a few rows
-    (decoding: 2-5x fp32 at one row) and slow for many (a prompt: 2x slower), where dequantizing wins."""
-    return x.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm") and x.numel() // x.shape[-1] <= 8
+    (decoding: 2-5x fp32 at one row) and slow for many (a prompt: 2x slower), where dequantizing wins.
+    Not under torch.compile: inductor's lowering of it fails on CPU (torch 2.13: "LoweringException:
+    AssertionError: Pointwise" when its input is a fused expression), so a compiled step dequantizes."""
+    return (x.device.type == "cpu" and HAS_INT8_MM and x.numel() // x.shape[-1] <= 8
+            and not torch.compiler.is_compiling())
 
 
 class Int8Linear(nn.Module):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generate import generate_tokens, visual_tokens
+from ..generate import compiled_decode_one_token, decode_one_token, generate_tokens, visual_tokens
 from ..image import load_image
 from ..tokenizer import IMAGE, IMAGE_SLOT, build_prompt, check_image_count
 
@@ -102,12 +102,15 @@ class Turn:
 
 
 class ChatSession:
-    def __init__(self, model, tokenizer, max_new_tokens=512, temperature=0.0, top_k=0, top_p=1.0, seed=None):
+    def __init__(self, model, tokenizer, max_new_tokens=512, temperature=0.0, top_k=0, top_p=1.0, seed=None,
+                 compile=False):
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
         self.device = model.query_tokens.device
         self.generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         self.context = model.config.text_config.max_position_embeddings
+        # The cache spans the whole context (static), so one compiled decode step serves every turn.
+        self.decode = compiled_decode_one_token(self.device.type) if compile else decode_one_token
         self.stop_requested = False  # set (e.g. by a Ctrl-C handler) to end the answer after this token
         self._caches = None  # the KV caches set up for this session (Llama.has_caches tells if still in place)
         self._cached = []  # key of every position whose K/V are in the cache: token id or ("img", uid, j)
@@ -234,7 +237,8 @@ class ChatSession:
             generate_tokens(self.model, torch.tensor([ids[p:]], device=self.device),  # (1, T - p)
                             self._image_embeds(uids[images_before:]), max_new_tokens=max_new, start_pos=p,
                             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                            generator=self.generator, eos_id=self.tokenizer.eos_id, stream=stream)
+                            generator=self.generator, eos_id=self.tokenizer.eos_id, stream=stream,
+                            decode=self.decode)
         finally:  # also on KeyboardInterrupt: keep only the positions that were fully computed
             if gen:
                 self._cached = keys + gen[:-1]  # the last sampled token was never run through the model
