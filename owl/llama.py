@@ -87,11 +87,13 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(slots, k, v)  # (B, nkv, L, hs): the whole cache
+            k_all, v_all = self.kv_cache.update(slots, k, v)  # (B, nkv, L, hs): the whole cache
+            if mask is not None:  # decoding, a later chat turn, padding: read it all, the mask hides the rest
+                k, v = k_all, v_all
         if self.n_kv_head != self.n_head:  # grouped-query attention: share each kv head
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, nh, L, hs)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        if mask is None:  # no cache and no padding: plain causal over the T tokens
+        if mask is None:  # no padding, nothing cached before: plain causal over the T new tokens
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask (B or 1, 1, T, L), True = attend
@@ -179,11 +181,14 @@ class Llama(nn.Module):
             position_ids = slots.expand(B, T)  # (B, T): no padding, so a token's position is its slot
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         L = self.cache_len()
-        if L is None:  # training, or a forward without cache: causal over the T tokens
+        if L is not None and isinstance(start_pos, int) and start_pos + T > L:
+            raise ValueError(f"KV cache overflow: {start_pos + T} positions > cache length {L}")
+        if L is None or (pad_mask is None and isinstance(start_pos, int) and start_pos == 0):
+            # Training, a forward without cache, or a prefill from slot 0: the new tokens attend among
+            # themselves, causally (SDPA's is_causal: on a GPU flash attention's causal kernel, and no
+            # (T, L) mask; on the CPU no measurable difference). The decode step always reads the whole cache.
             mask = None if pad_mask is None else attention_mask(slots, T, pad_mask)
         else:
-            if isinstance(start_pos, int) and start_pos + T > L:
-                raise ValueError(f"KV cache overflow: {start_pos + T} positions > cache length {L}")
             mask = attention_mask(slots, L, pad_mask)  # (B or 1, 1, T, L)
         for layer in self.model.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():

@@ -97,7 +97,7 @@ def check(est, measured):
 
 
 def test_chat_estimate_matches_measured_peak():
-    """Measured: 359 MiB (weights 241, KV cache 64, prefill of 2032 tokens); estimated 354 MiB."""
+    """Measured: 355 MiB (weights 241, KV cache 64, a prefill of 2032 tokens); estimated 354 MiB."""
     est = estimate(SHAPE_57M, "chat", dtype="fp32", context=2048, device="cpu")
     assert est["kv_cache"] == 2 * 8 * 2048 * 512 * 4
     check(est, peak_bytes(lambda: chat_run(SHAPE_57M, 2048)))
