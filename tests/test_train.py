@@ -18,6 +18,7 @@ from owl.lora import main as lora_main
 from owl.model import lm_loss_sum
 from owl.train.batches import OwlDataset, collate
 from owl.train.data import DataError, load_examples
+from owl.train.state import read_state, write_state
 from tests.conftest import REF, ROOT
 
 OWL, CLIP, LLAMA = (os.path.join(REF, d) for d in ("mplug_owl", "hf_clip", "hf_llama"))
@@ -130,9 +131,9 @@ def test_resume_is_exact(data, tmp_path):
     # and without restoring the RNG the dropout masks would differ: the test can tell
     no_rng = tmp_path / "no_rng"
     train.main(stage2_args(data, no_rng, *common, "--stop-at", "2"))
-    st = torch.load(no_rng / "checkpoint" / "state.pt", weights_only=False)
+    st = read_state(no_rng / "checkpoint")
     st["rng"] = [_other_rng()]
-    torch.save(st, no_rng / "checkpoint" / "state.pt")
+    write_state(no_rng / "checkpoint", st)
     train.main(stage2_args(data, no_rng, *common, "--resume"))
     assert not np.allclose([r["loss"] for r in la][2:], [json.loads(l)["loss"] for l in open(no_rng / "metrics.jsonl")][2:],
                            atol=1e-6, rtol=0)
@@ -159,7 +160,7 @@ def test_stage_freezing_and_optimizer_state(data, s2_batch2, tmp_path):
     m3 = train.build_model(train.parse_args(stage2_args(data, tmp_path, "--freeze-abstractor")))
     assert {n for n, p in m3.named_parameters() if p.requires_grad} == {n for n, _ in m3.named_parameters() if "lora_" in n}
     # the checkpoint holds the trained tensors only, and Adam state for them only
-    st = torch.load(s2_batch2 / "checkpoint" / "state.pt", weights_only=False)
+    st = read_state(s2_batch2 / "checkpoint")
     trained = load_file(s2_batch2 / "checkpoint" / "trainable.safetensors")
     assert set(trained) == {n for n, p in m2.named_parameters() if p.requires_grad}
     assert len(st["optimizer"]["state"]) == len(trained) and st["step"] == 3
@@ -232,7 +233,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(data, tmp_
     out = tmp_path / "nan"
     with pytest.raises(train.TrainError, match="step 3: the loss is nan"):
         train.main(stage2_args(data, out, "--batch-size", "1", "--max-steps", "4", "--save-every", "2"))
-    st = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    st = read_state(out / "checkpoint")
     assert st["step"] == 2 and len(load_file(out / "checkpoint" / "trainable.safetensors")) > 0
     assert not (out / "model.safetensors").exists()
 
