@@ -304,7 +304,7 @@ def main(argv=None):
         if args.prompt is not None or args.raw_prompt is not None:
             return one_shot(session, args, images)
         return interactive(session, args, images)
-    except (owl.CheckpointError, owl.ImageError, OwlEvalError, ChatError, UsageError, FileNotFoundError) as e:
+    except (owl.CheckpointError, owl.ImageError, OwlEvalError, ChatError, UsageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -79,14 +79,19 @@ def read_answers(folder):
 
 
 def check_writable(out, flag="--out"):
-    """A file that can be written: its folder exists, it is not a folder itself."""
-    folder = os.path.dirname(os.path.abspath(out))
+    """A file that can be written: its folder exists, it is not a folder itself, opening it to append
+    works (a file this creates is removed again: nothing is left behind by a check)."""
+    folder, existed = os.path.dirname(os.path.abspath(out)), os.path.exists(out)
     if os.path.isdir(out):
         raise OwlEvalError(f"{flag} {out} is a folder: give a file name")
     if not os.path.isdir(folder):
         raise OwlEvalError(f"{flag} {out}: no such folder {folder}")
-    if not os.access(out if os.path.exists(out) else folder, os.W_OK):
-        raise OwlEvalError(f"{flag} {out}: cannot write there")
+    try:
+        open(out, "a").close()
+        if not existed:
+            os.remove(out)
+    except OSError as e:
+        raise OwlEvalError(f"{flag} {out}: cannot write there ({e.strerror})") from None
 
 
 FIELDS = ("image", "question_id", "question", "answer", "model_id")
