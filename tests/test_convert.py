@@ -4,12 +4,13 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file
 
 import owl
-from tests.conftest import ROOT
+from tests.conftest import ROOT, one_line
 
 
 def make_release(ref, d):
@@ -68,4 +69,56 @@ def test_convert_checks_keys_against_config(ref, tmp_path):
     (src / "config.json").write_text(json.dumps(cfg))
     r = run(str(src), str(tmp_path / "out"))
     assert r.returncode != 0 and "mis-shaped 1: query_tokens" in r.stderr
+    assert not os.path.exists(tmp_path / "out")
+
+
+def convert_main(capsys, *args):
+    """python -m owl.convert's main in this process: (exit code, stdout, stderr)."""
+    from owl.convert import main
+    try:
+        main([str(a) for a in args])
+        rc = 0
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else print(e.code, file=sys.stderr) or 1
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=rc, stdout=out, stderr=err)
+
+
+def test_convert_never_replaces_what_it_did_not_write(ref, tmp_path, capsys):
+    """Report 2.7 (a DST holding precious.txt and sub/ was emptied), 2.8 (DST == SRC lost the .bin
+    shards), 2.9 (a DST file was renamed away): refused with one line, nothing touched. An earlier
+    conversion into DST is this command's own output: replaced."""
+    src = tmp_path / "release"
+    make_release(ref, str(src))
+    dst = tmp_path / "dst"
+    (dst / "sub").mkdir(parents=True)
+    (dst / "precious.txt").write_text("precious")
+    (dst / "sub" / "notes.txt").write_text("n")
+    one_line(convert_main(capsys, src, dst), f"{dst} exists and is not this command's own output (precious.txt, sub)")
+    assert (dst / "precious.txt").read_text() == "precious" and (dst / "sub" / "notes.txt").exists()
+    before = sorted(os.listdir(src))
+    one_line(convert_main(capsys, src, src), f"{src} is the source folder")
+    assert sorted(os.listdir(src)) == before and not os.path.exists(f"{src}.tmp")
+    (tmp_path / "afile").write_text("mine")
+    one_line(convert_main(capsys, src, tmp_path / "afile"), "is not this command's own output (afile)")
+    assert (tmp_path / "afile").read_text() == "mine"
+    new = tmp_path / "new"
+    for _ in range(2):  # the second run replaces the first one's output
+        assert convert_main(capsys, src, new).returncode == 0
+    assert owl.load_model(str(new))[0] is not None
+
+
+def test_convert_bad_index_and_unwritable_dst_are_one_line(ref, tmp_path, capsys):
+    """Report 2.6 (an invalid pytorch_model.bin.index.json), 2.10 (a DST that cannot be written)."""
+    src = tmp_path / "release"
+    make_release(ref, str(src))
+    index = src / "pytorch_model.bin.index.json"
+    good = index.read_text()
+    for text, words in (("{\n", "not valid JSON"), ('{"weight_map": 3}', "no weight_map")):
+        index.write_text(text)
+        one_line(convert_main(capsys, src, tmp_path / "out"), f"{index}: {words}")
+    index.write_text(good)
+    (tmp_path / "afile").write_text("x")
+    for dst in ("/proc/owl_convert_test", tmp_path / "afile" / "out"):  # (as root too: no permission bits needed)
+        one_line(convert_main(capsys, src, dst), "cannot write there")
     assert not os.path.exists(tmp_path / "out")

@@ -1,7 +1,9 @@
 """Bad input gets one clear error naming the file, key or count involved; nothing loads partially."""
+import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -10,6 +12,9 @@ from safetensors.torch import load_file, save_file
 import owl
 from owl import CheckpointError
 from owl.tokenizer import IMAGE_SLOT
+from tests.conftest import ROOT, one_line, run_script
+
+CHAT, TRAIN = os.path.join(ROOT, "chat.py"), os.path.join(ROOT, "train.py")
 
 
 def copy_ck(ref, tmp_path):
@@ -96,3 +101,94 @@ def test_image_count_mismatch_and_long_prompt(owl_model):
     ids = torch.tensor([[1] + [IMAGE_SLOT] * 65 + [5]])
     with pytest.raises(ValueError, match="1 image slot"):
         model(ids)
+
+
+# ----------------------------------------------------------------------------- the red-team cases (shared/design/redteam.md)
+
+def folder(ref, tmp_path, name, src="mplug_owl"):
+    d = tmp_path / name
+    shutil.copytree(os.path.join(ref, src), d)
+    return d
+
+
+def edit_config(d, fn):
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(fn(cfg)))
+
+
+@pytest.fixture
+def caps(tmp_path):
+    """A one-record caption file (with its image), for train.py runs that fail before training."""
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "0.png")
+    (tmp_path / "caps.jsonl").write_text(json.dumps({"image": "0.png", "caption": "red"}) + "\n")
+    return tmp_path / "caps.jsonl"
+
+
+def stage1(clip, llama, caps, out, *extra):
+    return ["--stage", "1", "--vision-init", clip, "--llm-init", llama, "--data", caps, "--out", out, "--max-steps", "1",
+            "--num-queries", "4", "--abstractor-layers", "1", "--abstractor-heads", "2", "--abstractor-mlp", "32", *extra]
+
+
+def test_malformed_configs_are_one_line(ref, tmp_path, caps, capsys):
+    """Report 1.7, 1.8: config.json a list; 0 heads; patch_size 0; an HF CLIP config.json of []."""
+    cases = {"list": (lambda c: [1, 2], "not a model config"),
+             "heads": (lambda c: {**c, "text_config": {**c["text_config"], "num_attention_heads": 0}},
+                       "text_config: num_attention_heads must be a positive integer, got 0"),
+             "patch": (lambda c: {**c, "vision_config": {**c["vision_config"], "patch_size": 0}},
+                       "vision_config: patch_size must be a positive integer, got 0"),
+             "size": (lambda c: {**c, "text_config": {**c["text_config"], "hidden_size": "96"}},
+                      "hidden_size must be a positive integer, got '96'")}
+    for name, (fn, words) in cases.items():
+        d = folder(ref, tmp_path, name)
+        edit_config(d, fn)
+        one_line(run_script(capsys, CHAT, "--checkpoint", d, "--prompt", "hi"), f"{d}/config.json", words)
+    clip = folder(ref, tmp_path, "clip", "hf_clip")
+    (clip / "config.json").write_text("[]")
+    r = run_script(capsys, TRAIN, *stage1(clip, os.path.join(ref, "hf_llama"), caps, tmp_path / "o"))
+    one_line(r, f"{clip}/config.json", "not a model config (it holds a JSON list)")
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_malformed_weights_and_tokenizers_are_one_line(ref, tmp_path, caps, capsys):
+    """Report 1.12 (an int32 tensor), 1.13 (a garbage tokenizer.model: chat, train, --check-data),
+    1.14 (an empty one), 1.17 (an invalid shard index, one without weight_map)."""
+    d = folder(ref, tmp_path, "int32")
+    rewrite(d, lambda sd: {**sd, "language_model.model.norm.weight": sd["language_model.model.norm.weight"].int()})
+    one_line(run_script(capsys, CHAT, "--checkpoint", d, "--prompt", "hi"), "1 tensor(s) are not floating point",
+             "language_model.model.norm.weight (int32)")
+    for name, data in (("garbage", np.random.default_rng(0).bytes(14300)), ("empty", b"")):
+        d = folder(ref, tmp_path, f"tok_{name}")
+        (d / "tokenizer.model").write_bytes(data)
+        r = run_script(capsys, CHAT, "--checkpoint", d, "--prompt", "hi")
+        one_line(r, f"{d}/tokenizer.model: not a sentencepiece model")
+        assert "loading weights" not in r.stderr  # refused before any weight is read
+    llama = folder(ref, tmp_path, "llama_tok", "hf_llama")
+    (llama / "tokenizer.model").write_bytes(np.random.default_rng(0).bytes(14300))
+    clip = os.path.join(ref, "hf_clip")
+    one_line(run_script(capsys, TRAIN, *stage1(clip, llama, caps, tmp_path / "o1")), "not a sentencepiece model")
+    one_line(run_script(capsys, TRAIN, "--check-data", "--llm-init", llama, "--data", caps), "not a sentencepiece model")
+    for name, index in (("bad_index", "{\n"), ("no_map", '{"metadata": {}}')):
+        llama = folder(ref, tmp_path, name, "hf_llama")
+        (llama / "model.safetensors.index.json").write_text(index)
+        words = "not valid JSON" if name == "bad_index" else "no weight_map"
+        one_line(run_script(capsys, TRAIN, *stage1(clip, llama, caps, tmp_path / name / "o")),
+                 f"{llama}/model.safetensors.index.json: {words}")
+
+
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):
+    """Report 3.4 (a 16-bit PNG became 99.6% white), 3.5 (32-bit int and float TIFFs: all 255, all 0)."""
+    ramp = np.arange(4096, dtype=np.uint16).reshape(64, 64) * 16  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    a = np.asarray(owl.load_image(str(tmp_path / "g16.png")), dtype=np.float64)
+    np.testing.assert_allclose(a[..., 0], np.round(ramp / 65535 * 255), atol=1)  # the same picture, in 8 bits
+    assert abs(a.mean() - 127.5) < 1 and (a == 255).mean() < 0.01
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(tmp_path / "f.tif")
+    Image.fromarray((np.arange(64, dtype=np.int32).reshape(8, 8) * 1000)).save(tmp_path / "i32.tif")
+    assert {Image.open(tmp_path / f).mode for f in ("f.tif", "i32.tif")} == {"F", "I"}
+    assert (np.asarray(owl.load_image(str(tmp_path / "f.tif"))) == 128).all()  # a float image in [0, 1]
+    i32 = np.asarray(owl.load_image(str(tmp_path / "i32.tif")))[..., 0]
+    assert i32.min() == 0 and i32.max() == round(63000 / 65535 * 255) and len(np.unique(i32)) == 64
+    # an image handed in directly (owl.generate, the demo) goes through the same scaling
+    px = owl.preprocess_image(Image.open(tmp_path / "g16.png"), 56)
+    assert torch.allclose(px, owl.preprocess_image(owl.load_image(str(tmp_path / "g16.png")), 56))
