@@ -104,7 +104,7 @@ def read_config(path):
         raise CheckpointError(f"{path}: no such checkpoint directory")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise CheckpointError(f"{path}: no config.json")
-    return read_json(os.path.join(path, "config.json"), "a model config (a JSON object)")
+    return read_json(os.path.join(path, "config.json"), "a model config")
 
 
 # ----------------------------------------------------------------------------- key maps
