@@ -80,8 +80,8 @@ def set_rng_state(s):
 def state_to_files(state):
     """The training state {optimizer, scaler, step, rng: [per rank], args} -> (tensors, a JSON-able dict)."""
     tensors, opt_values = {}, {}
-    for i, st in state["optimizer"]["state"].items():
-        opt_values[str(i)] = {k: v for k, v in st.items() if not torch.is_tensor(v)}
+    for i, st in state["optimizer"]["state"].items():  # a tensor's place in state.json: {"tensor": its name}
+        opt_values[str(i)] = {k: {"tensor": f"optimizer.{i}.{k}"} if torch.is_tensor(v) else v for k, v in st.items()}
         tensors.update({f"optimizer.{i}.{k}": v.detach().cpu().contiguous() for k, v in st.items() if torch.is_tensor(v)})
     rngs = []
     for r, s in enumerate(state["rng"]):
@@ -93,16 +93,17 @@ def state_to_files(state):
                      "cuda": None if s["cuda"] is None else len(s["cuda"])})
     meta = {"format": FORMAT, "step": state["step"], "args": state["args"], "scaler": state["scaler"],
             "optimizer": {"param_groups": state["optimizer"]["param_groups"], "state": opt_values}, "rng": rngs}
+    seen = set()  # safetensors refuses tensors that share memory: copy those
+    for k, t in tensors.items():
+        tensors[k] = t.clone() if t.untyped_storage().data_ptr() in seen else t
+        seen.add(t.untyped_storage().data_ptr())
     return tensors, meta
 
 
 def files_to_state(tensors, meta):
     """The inverse of state_to_files: the same dicts, tuples and tensors (dtypes included)."""
-    opt = {int(i): dict(v) for i, v in meta["optimizer"]["state"].items()}
-    for name, t in tensors.items():
-        kind, i, key = name.split(".", 2)
-        if kind == "optimizer":
-            opt[int(i)][key] = t
+    opt = {int(i): {k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v for k, v in st.items()}
+           for i, st in meta["optimizer"]["state"].items()}
     groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
               for g in meta["optimizer"]["param_groups"]]  # JSON has no tuples: betas come back as one
     rng = []
@@ -113,7 +114,7 @@ def files_to_state(tensors, meta):
                     "numpy": (name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached),
                     "torch": tensors[f"rng.{r}.torch"],
                     "cuda": None if s["cuda"] is None else [tensors[f"rng.{r}.cuda.{j}"] for j in range(s["cuda"])]})
-    return {"optimizer": {"state": dict(sorted(opt.items())), "param_groups": groups}, "scaler": meta["scaler"],
+    return {"optimizer": {"state": opt, "param_groups": groups}, "scaler": meta["scaler"],
             "step": meta["step"], "rng": rng, "args": meta["args"]}
 
 
