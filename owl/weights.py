@@ -61,21 +61,20 @@ def read_weights(files, keep=lambda k: True, dtype=None, device="cpu", progress=
     """{name: tensor} of the safetensors files for the kept names, converted tensor by tensor (floating
     ones only) so that at most one extra tensor is alive at any time. progress: a tqdm bar on stderr."""
     out = {}
-    bar = tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True, desc="loading weights",
-               file=sys.stderr, disable=not progress, leave=False)
-    for file in files:
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for k in f.keys():
-                    if keep(k):
-                        t = f.get_tensor(k)
-                        bar.update(t.nbytes)
-                        if dtype is not None and t.is_floating_point():
-                            t = t.to(dtype)
-                        out[k] = t.to(device)
-        except Exception as e:  # a truncated or corrupt file
-            raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
-    bar.close()
+    with tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True, desc="loading weights",
+              file=sys.stderr, disable=not progress, leave=False) as bar:  # (closed, its line cleared, on an error too)
+        for file in files:
+            try:
+                with safe_open(file, framework="pt", device="cpu") as f:
+                    for k in f.keys():
+                        if keep(k):
+                            t = f.get_tensor(k)
+                            bar.update(t.nbytes)
+                            if dtype is not None and t.is_floating_point():
+                                t = t.to(dtype)
+                            out[k] = t.to(device)
+            except Exception as e:  # a truncated or corrupt file
+                raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
     return out
 
 

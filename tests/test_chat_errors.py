@@ -123,3 +123,27 @@ def test_owleval_checks_out_first_keeps_each_answer_and_goes_on(owl_model, tmp_p
     assert [(x["question_id"], x["answer"], x["model_id"]) for x in rows] == [(3, a3, "m"), (4, a4, "m"), (5, a5, "m")]
     one_line(run_main(capsys, "--owleval", MINI, "--out", str(out), "--model-id", "other"),
              "not an answers file of model 'other'")
+
+
+def test_the_chat_rows_that_were_one_line_stay_so(tmp_path, capsys):
+    """Report 4.1 (a prompt longer than the context), 4.11 (--device banana, or cuda without one),
+    4.12 (an adapter of another abstractor shape), 4.15 (adapter.json {} or invalid; a whole model
+    file as the adapter): one line each, as before this branch (a guard against regressions)."""
+    r = run_main(capsys, "--prompt", "word " * 600)  # (after the "loaded" line)
+    assert r.returncode == 1 and r.stderr.splitlines()[-1].endswith("the context window holds 512: /reset starts a new one")
+    one_line(run_main(capsys, "--prompt", "hi", "--device", "banana"), "--device banana: not a device")
+    if not torch.cuda.is_available():
+        one_line(run_main(capsys, "--prompt", "hi", "--device", "cuda"), "CUDA is not available")
+    from safetensors.torch import load_file, save_file
+    for name, meta, tensors, words in (
+            ("empty_meta", "{}", {"x": torch.zeros(1)}, "missing or invalid r, alpha, targets"),
+            ("bad_meta", "{not json", {"x": torch.zeros(1)}, "adapter.json: not valid JSON"),
+            ("whole_model", '{"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}',
+             load_file(os.path.join(CK, "model.safetensors")), "the weights do not match the model"),
+            ("other_shape", '{"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}',
+             {"query_tokens": torch.zeros(1, 32, 64)}, "mis-shaped 1: query_tokens (1, 32, 64) != (1, 64, 64)")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter.json").write_text(meta)
+        save_file(tensors, str(tmp_path / name / "adapter.safetensors"))
+        r = run_main(capsys, "--adapter", str(tmp_path / name / "adapter.safetensors"), "--prompt", "hi")
+        assert r.returncode == 1 and "Traceback" not in r.stderr and words in r.stderr, (name, r.stderr)

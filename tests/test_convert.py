@@ -122,3 +122,41 @@ def test_convert_bad_index_and_unwritable_dst_are_one_line(ref, tmp_path, capsys
     for dst in ("/proc/owl_convert_test", tmp_path / "afile" / "out"):  # (as root too: no permission bits needed)
         one_line(convert_main(capsys, src, dst), "cannot write there")
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_convert_kinds_of_bin_files(ref, tmp_path, capsys):
+    """The .bin rows that were clear already stay so (report 2.3: a legacy non-zip .bin; 2.4: another
+    layout's keys, a DDP prefix, not a dict, truncated; 2.5: tied weights convert), each refused with
+    its reason, nothing written; and a pickle payload never runs in any of them."""
+    sd = load_file(os.path.join(ref, "mplug_owl", "model.safetensors"))
+    marker = tmp_path / "PWNED"
+
+    def release(name, save):
+        d = tmp_path / name
+        shutil.copytree(os.path.join(ref, "mplug_owl"), d)
+        os.remove(d / "model.safetensors")
+        save(d / "pytorch_model.bin")
+        return d
+    cases = {"legacy": (lambda f: torch.save(sd, f, _use_new_zipfile_serialization=False), "cannot load as plain tensors"),
+             "ddp": (lambda f: torch.save({"module." + k: v for k, v in sd.items()}, f), "strip 'module.'"),
+             "list": (lambda f: torch.save(list(sd.values()), f), "not a state dict of tensors"),
+             "cut": (lambda f: (torch.save(sd, f), f.write_bytes(f.read_bytes()[:5000])), "cannot load as plain tensors"),
+             "payload": (lambda f: torch.save({**sd, "x": Payload(str(marker))}, f), "cannot load as plain tensors")}
+    for name, (save, words) in cases.items():
+        r = convert_main(capsys, release(name, save), tmp_path / f"{name}_out")
+        assert r.returncode == 1 and "Traceback" not in r.stderr and words in r.stderr, (name, r.stderr)
+        assert not (tmp_path / f"{name}_out").exists()
+    assert not marker.exists()
+    tied = dict(sd, **{"language_model.lm_head.weight": sd["language_model.model.embed_tokens.weight"]})
+    d = release("tied", lambda f: torch.save(tied, f))
+    assert convert_main(capsys, d, tmp_path / "tied_out").returncode == 0
+    got = owl.load_model(str(tmp_path / "tied_out"))[0].state_dict()["language_model.lm_head.weight"]
+    assert torch.equal(got, sd["language_model.model.embed_tokens.weight"])
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling it would create the marker file
+        return (open, (self.marker, "w"))

@@ -223,3 +223,35 @@ def test_bad_text_is_replaced_or_one_line(tmp_path, tok, capsys):
     r = run_script(capsys, os.path.join(ROOT, "train.py"), "--check-data", "--init", os.path.join(REF, "mplug_owl"),
                    "--data", g)
     one_line(r, f"{g}:2: not UTF-8 text")
+
+
+def test_the_data_rows_that_were_clear_stay_so(tmp_path, tok, capsys):
+    """Report 5.2 (an empty file, [], blank lines), 5.3 (no answer; an Alpaca record without output),
+    5.5 (CJK, Arabic, emoji, NUL, ZWSP captions), 5.8 (a UTF-8 BOM), 5.15 (--max-length too short for a
+    caption): as before this branch, one line or a count (a guard against regressions)."""
+    from tests.conftest import ROOT, one_line, run_script
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "ok.png")
+    s1 = lambda data, *extra: ["--stage", "1", "--vision-init", os.path.join(REF, "hf_clip"), "--llm-init",
+                               os.path.join(REF, "hf_llama"), "--data", data, "--out", tmp_path / "o", *extra]
+    for name, text in (("empty.jsonl", ""), ("list.json", "[]"), ("blank.jsonl", "\n\n  \n")):
+        (tmp_path / name).write_text(text)
+        one_line(run_script(capsys, os.path.join(ROOT, "train.py"), *s1(tmp_path / name)),
+                 f"no usable training example in {tmp_path / name}")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"image": "ok.png", "caption": "a red square"}) + "\n")
+    one_line(run_script(capsys, os.path.join(ROOT, "train.py"), *s1(tmp_path / "c.jsonl", "--max-length", "10")),
+             "--max-length 10 leaves no room for a caption")
+    f = tmp_path / "noans.json"
+    f.write_text(json.dumps([{"image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nq"}]}]))
+    assert load_examples([str(f)], tok, 512)[1].empty == [f"{f}[0]"]
+    f.write_text(json.dumps([{"instruction": "q", "input": ""}]))
+    with pytest.raises(DataError, match=r"noans\.json\[0\]: unknown record format \(keys: input, instruction\)"):
+        load_examples([str(f)], tok, 512)
+    caps = ["猫が座っている", "قطة جالسة", "🐱" * 100, "nul \0 here", "zero\u200bwidth", "кошка"]
+    f = tmp_path / "u.jsonl"
+    f.write_text("".join(json.dumps({"image": "ok.png", "caption": c}) + "\n" for c in caps), encoding="utf-8")
+    ex, _ = load_examples([str(f)], tok, 512)
+    assert len(ex) == len(caps) and all(e.labels[-1] == tok.eos_id for e in ex)
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + json.dumps({"image": "ok.png", "caption": "x"}).encode() + b"\n")
+    with pytest.raises(DataError, match=r"bom\.jsonl:1: malformed JSON line \(Unexpected UTF-8 BOM"):
+        read_records(str(f))
