@@ -61,8 +61,9 @@ def hold_out(out, ckpt_dir, *, resume, sources, master):
         yield None
         return
     check_out(out, sources, fresh=not resume)
-    with RunLock(out) as lock:
-        recover_checkpoint(ckpt_dir)
+    log = functools.partial(print, flush=True)  # (a run killed later keeps its notes in its log)
+    with RunLock(out, log) as lock:
+        recover_checkpoint(ckpt_dir, log)
         if os.path.isdir(ckpt_dir) and not resume:
             raise TrainError(f"{ckpt_dir} exists: pass --resume to continue it, or choose another --out")
         if resume and not os.path.isdir(ckpt_dir):
