@@ -10,6 +10,7 @@ runs only its new tokens (owl/chat/session.py). Sampling is greedy unless --temp
 """
 import argparse
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -21,9 +22,9 @@ import owl
 from owl.chat import owleval
 from owl.chat.owleval import OwlEvalError
 from owl.chat.session import ChatError, ChatSession, format_stats
-from owl.lora import adapter_files
+from owl.lora import adapter_files, check_adapter_base, read_adapter_meta
 from owl.quant import quantize_int8
-from owl.tokenizer import check_image_count
+from owl.tokenizer import check_image_count, clean_text
 
 HELP = """commands:
   /image PATH   attach an image to the next question (repeatable)
@@ -56,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     p.add_argument("--adapter", metavar="FILE", help="a stage-2 adapter.safetensors written by train.py (adapter.json beside it)")
+    p.add_argument("--ignore-adapter-base", action="store_true",
+                   help="apply --adapter although adapter.json says it was trained on another base model")
     p.add_argument("--int8", action="store_true", help="int8 weights for the LLM's linear layers (owl/quant.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on a GPU; "
                    "the first answer waits for it to compile)")
@@ -77,8 +80,11 @@ def parse_args(argv=None):
         p.error("--owleval needs --out FILE")
     if (a.out or a.html or a.model_id) and not a.owleval:
         p.error("--out, --html and --model-id go with --owleval")
-    if a.max_new_tokens < 1 or a.temperature < 0 or a.top_k < 0 or not 0 < a.top_p <= 1:
-        p.error("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1")
+    if a.max_new_tokens < 1 or not 0 <= a.temperature < math.inf or a.top_k < 0 or not 0 < a.top_p <= 1:
+        p.error("need --max-new-tokens >= 1, a finite --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1")
+    if a.seed is not None and not 0 <= a.seed < 2**64:
+        p.error("--seed must be in [0, 2**64): a 64-bit generator seed")
+    a.prompt, a.raw_prompt = (None if t is None else clean_text(t) for t in (a.prompt, a.raw_prompt))  # undecodable bytes
     return a
 
 
@@ -197,6 +203,7 @@ def interactive(session, args, images):
         except KeyboardInterrupt:
             print("\n(/quit or Ctrl-D to leave)")
             continue
+        line = clean_text(line)  # (an undecodable byte arrives as U+FFFD or a lone surrogate)
         if not line:
             continue
         if not line.startswith("/"):
@@ -231,7 +238,7 @@ def one_shot(session, args, images):
     if args.raw_prompt is not None:
         ok = answer(session, args, raw=args.raw_prompt, images=images)
     else:
-        question = sys.stdin.read().strip() if args.prompt == "-" else args.prompt
+        question = clean_text(sys.stdin.read()).strip() if args.prompt == "-" else args.prompt
         if not question:
             raise UsageError("--prompt: the question is empty")
         for path, im in zip(args.image, images):
@@ -240,14 +247,31 @@ def one_shot(session, args, images):
     return 0 if ok else 1
 
 
-def run_owleval(session, args):
-    questions = owleval.read_questions(args.owleval)  # checks the folder before anything is written
-    others = owleval.read_answers(args.owleval)
+def owleval_plan(args):
+    """(questions, model_id, the answers --out holds already): the folder, --out and --html are
+    checked here, before the model is loaded and before the first question."""
+    questions = owleval.read_questions(args.owleval)
     model_id = args.model_id or os.path.basename(os.path.normpath(args.checkpoint))
-    with tqdm(total=len(questions), desc="OwlEval", unit="question", file=sys.stderr) as bar:
-        records = owleval.run(session, args.owleval, questions, model_id, progress=bar.update,
-                              warn=lambda m: bar.write(m, file=sys.stderr))
-    owleval.write_jsonl(records, args.out)
+    if args.html:
+        owleval.check_writable(args.html, "--html")
+    return questions, model_id, owleval.answered(args.out, model_id, questions, warn=lambda m: print(m, file=sys.stderr))
+
+
+def run_owleval(session, args, plan):
+    questions, model_id, done = plan
+    others = owleval.read_answers(args.owleval)
+    if done:
+        print(f"{len(done)} of {len(questions)} questions are answered in {args.out} already: answering the rest",
+              file=sys.stderr)
+    try:
+        with tqdm(total=len(questions), desc="OwlEval", unit="question", file=sys.stderr) as bar:
+            records = owleval.run(session, args.owleval, questions, model_id, done=done,
+                                  on_answer=lambda r: owleval.append_jsonl(r, args.out), progress=bar.update,
+                                  warn=lambda m: bar.write(m, file=sys.stderr))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the answers so far are in {args.out}; the same command answers the rest", file=sys.stderr)
+        return 130
+    owleval.write_jsonl(records, args.out)  # the same answers, in question order
     print(f"wrote {len(records)} answers to {args.out}", file=sys.stderr)
     if args.html:
         owleval.write_html(records, questions, others, args.owleval, args.html, model_id)
@@ -259,13 +283,15 @@ def main(argv=None):
     args = parse_args(argv)
     if (sys.stdout.encoding or "").lower().replace("-", "") != "utf8":
         sys.stdout.reconfigure(errors="replace")  # never crash printing a character the terminal lacks
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # never crash reading a byte that is not UTF-8: it becomes U+FFFD
     try:
         if not os.path.isdir(args.checkpoint):  # (owl.load_model checks the rest before reading weights)
             raise UsageError(f"--checkpoint {args.checkpoint}: no such directory")
-        if args.owleval:  # check the folder before spending time on loading
-            owleval.read_questions(args.owleval)
-        if args.adapter:
-            adapter_files(args.adapter)  # fail before loading the model, too
+        plan = owleval_plan(args) if args.owleval else None  # checked before spending time on loading
+        if args.adapter:  # fail before loading the model, too
+            adapter_files(args.adapter)
+            read_adapter_meta(args.adapter) if args.ignore_adapter_base else check_adapter_base(args.adapter, args.checkpoint)
         images = [owl.load_image(p) for p in args.image]  # raises owl.ImageError naming the file
         if args.raw_prompt is not None:
             try:
@@ -276,11 +302,11 @@ def main(argv=None):
         session = ChatSession(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, compile=args.compile)
         if args.owleval:
-            return run_owleval(session, args)
+            return run_owleval(session, args, plan)
         if args.prompt is not None or args.raw_prompt is not None:
             return one_shot(session, args, images)
         return interactive(session, args, images)
-    except (owl.CheckpointError, owl.ImageError, OwlEvalError, ChatError, UsageError, FileNotFoundError) as e:
+    except (owl.CheckpointError, owl.ImageError, OwlEvalError, ChatError, UsageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -9,12 +9,14 @@
 The loss is the sum of cross-entropy over target tokens divided by the number of target tokens in
 the whole optimizer step (all micro-batches, all processes), so batch B, accumulation and N processes
 give the same update. What each stage trains is owl/train/stages.py; the data formats are
-owl/train/data.py; the saved model and the resumable checkpoint are owl/train/state.py.
+owl/train/data.py; the saved model and the resumable checkpoint are owl/train/state.py; the lock on
+OUT, Ctrl-C/SIGTERM (save, then stop) and the metrics rewrite are owl/train/safety.py.
 """
 import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -30,17 +32,14 @@ from owl.image import ImageError
 from owl.lora import apply_lora
 from owl.model import MplugOwl, lm_loss_sum
 from owl.tokenizer import IGNORE
-from owl.train.batches import OwlDataset, StepBatches, collate, split_examples
+from owl.train.batches import OwlDataset, StepBatches, collate, eval_loss, split_examples
 from owl.train.data import DataError, check_data, training_examples
 from owl.train.parallel import all_sum, peak_mem_gb, precision, setup_processes
+from owl.train.safety import StopSignals, Stopped, TrainError, hold_out, trim_metrics, worker_init
 from owl.train.stages import cast_frozen, count_by_module, param_groups, set_dropout, set_trainable, train_mode
-from owl.train.state import export, resume, save_training_state, trim_metrics
+from owl.train.state import check_resumed_args, export, last_saved, read_meta, resume, save_training_state
 from owl.weights import (CheckpointError, load_config, load_llama, load_owl, load_tokenizer, load_vision,
                          read_config)
-
-
-class TrainError(ValueError):
-    pass
 
 
 def parse_args(argv):
@@ -89,6 +88,12 @@ def parse_args(argv):
     p.add_argument("--demo", metavar="OUT", help="run the tiny two-stage demo (owl/demo/) into OUT")
     p.add_argument("--ablation", action="store_true", help="with --demo: the paper's ablation rows too")
     args = p.parse_args(argv)
+    sizes = (args.num_queries, args.abstractor_layers, args.abstractor_heads, args.abstractor_mlp, args.lora_r)
+    need = {"--batch-size >= 1": args.batch_size >= 1, "--grad-accum >= 1": args.grad_accum >= 1,
+            "--max-steps, --save-every, --eval-every >= 0": min(args.max_steps, args.save_every, args.eval_every) >= 0,
+            "0 <= --seed < 2**63": 0 <= args.seed < 2**63, "--num-queries, --abstractor-*, --lora-r >= 1": min(sizes) > 0}
+    if not all(need.values()):  # one line, before anything is read
+        raise TrainError(f"need {'; '.join(k for k, ok in need.items() if not ok)} (train.py --help lists the options)")
     args.lr = args.lr if args.lr is not None else (1e-4 if args.stage == 1 else 2e-5)
     args.min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
     args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else round(0.04 * args.max_steps)
@@ -174,30 +179,30 @@ def main(argv=None):
     if args.demo:
         return run_demo(args.demo, main, ablation=args.ablation)  # the demo trains through this very main
     if args.check_data:
-        tok, max_length, _ = data_setup(args)
-        check_data(args.data.split(","), tok, max_length, args.image_root)
+        tok, max_length, cfg = data_setup(args)
+        check_data(args.data.split(","), tok, max_length, args.image_root, images_required=cfg is None)
         return None
     if args.stage is None or not args.out:
         raise TrainError("--stage 1|2 and --out DIR are required")
     ckpt_dir = os.path.join(args.out, "checkpoint")
-    if os.path.isdir(ckpt_dir) and not args.resume:
-        raise TrainError(f"{ckpt_dir} exists: pass --resume to continue it, or choose another --out")
-    if args.resume and not os.path.isdir(ckpt_dir):
-        raise TrainError(f"--resume: {ckpt_dir} does not exist")
-    try:
-        return train(args, ckpt_dir)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    with hold_out(args.out, ckpt_dir, resume=args.resume, sources=(args.init, args.vision_init, args.llm_init),
+                  master=int(os.environ.get("RANK", 0)) == 0) as lock:  # checks OUT, locks it, recovers a save
+        try:
+            return train(args, ckpt_dir, lock)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
-def train(args, ckpt_dir):
+def train(args, ckpt_dir, lock=None):
     rank, world, device = setup_processes(args.device)
     master = rank == 0
     log = (lambda *x: print(*x, flush=True)) if master else (lambda *x: None)
+    if args.resume:  # the arguments that would not continue the first run stop here, before any work
+        check_resumed_args(read_meta(ckpt_dir)["args"], vars(args), f"{ckpt_dir}/state.json", log)
     tok, max_length, cfg = data_setup(args)  # data first: its errors come before any weight is read
     examples = training_examples(args.data.split(","), tok, max_length, image_root=args.image_root,
-                                 max_bad_fraction=args.max_bad_fraction, log=log)
+                                 max_bad_fraction=args.max_bad_fraction, images_required=cfg is None, log=log)
     n_eval = args.eval_examples if args.eval_examples is not None else min(200, len(examples) // 50)
     train_ex, eval_ex = split_examples(examples, n_eval if args.eval_every else 0, args.seed)
     if not train_ex:
@@ -215,9 +220,8 @@ def train(args, ckpt_dir):
     vision_scale = args.vision_lr / args.lr if args.vision_lr is not None else 1.0
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay, vision_scale), lr=args.lr, betas=(0.9, 0.98),
                             eps=1e-8)
-    ddp = model
-    if world > 1:  # find_unused: a text-only micro-batch leaves the ViT/abstractor without gradient
-        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    ddp = model if world == 1 else DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       find_unused_parameters=True)  # a text-only micro-batch: no ViT gradient
 
     torch.manual_seed(args.seed + rank)  # dropout differs per rank
     start = 0
@@ -225,7 +229,6 @@ def train(args, ckpt_dir):
         start = resume(ckpt_dir, model, opt, scaler, rank=rank, world=world, batch_size=args.batch_size,
                        grad_accum=args.grad_accum, log=log)
     if master:
-        os.makedirs(args.out, exist_ok=True)
         trim_metrics(os.path.join(args.out, "metrics.jsonl"), start)
 
     sampler = StepBatches(len(train_ex), batch_size=args.batch_size, grad_accum=args.grad_accum,
@@ -233,53 +236,62 @@ def train(args, ckpt_dir):
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
     dataset = OwlDataset(train_ex, model.config.vision_config.image_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                                         worker_init_fn=worker_init(lock) if workers else None,
                                          generator=torch.Generator())  # leaves the global RNG alone
     batches = iter(loader)
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master,
                dynamic_ncols=True)
     bad_seen, seen = 0, 0
-    for step in bar:
-        t0 = time.time()
-        lr = get_lr(step, args)
-        for g in opt.param_groups:
-            g["lr"] = lr * g["lr_scale"]
-        micro = [next(batches) for _ in range(args.grad_accum)]
-        for mb in micro:
-            bad_seen, seen = bad_seen + len(mb["bad"]), seen + len(mb["bad"]) + len(mb["input_ids"])
-            for msg in mb["bad"]:
-                log(f"skipped (bad image): {msg}")
-        if bad_seen / max(seen, 1) > args.max_bad_fraction and seen >= 20:
-            raise DataError(f"{bad_seen} of {seen} examples had unreadable images (> --max-bad-fraction)")
-        loss = train_step(ddp, opt, scaler, micro, params, world=world, device=device, autocast=autocast,
-                          grad_clip=args.grad_clip)
-        if not math.isfinite(loss):
-            raise TrainError(f"step {step + 1}: the loss is {loss}; stopped (the last saved checkpoint, "
-                             f"if any, is intact in {ckpt_dir})")
+    with StopSignals() as stop:  # Ctrl-C / SIGTERM: save after the step in progress, then stop
+        for step in bar:
+            t0 = time.time()
+            lr = get_lr(step, args)
+            for g in opt.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            micro = [next(batches) for _ in range(args.grad_accum)]
+            for mb in micro:
+                bad_seen, seen = bad_seen + len(mb["bad"]), seen + len(mb["bad"]) + len(mb["input_ids"])
+                for msg in mb["bad"]:
+                    log(f"skipped (bad image): {msg}")
+            if bad_seen / max(seen, 1) > args.max_bad_fraction and seen >= 20:
+                raise DataError(f"{bad_seen} of {seen} examples had unreadable images (> --max-bad-fraction)")
+            if any(len(mb["input_ids"]) == 0 for mb in micro):
+                raise DataError(f"step {step + 1}: {dataset.tries} examples in a row have unreadable images "
+                                f"(skipped above; --check-data lists them all)")
+            loss = train_step(ddp, opt, scaler, micro, params, world=world, device=device, autocast=autocast,
+                              grad_clip=args.grad_clip)
+            if not math.isfinite(loss):
+                raise TrainError(f"step {step + 1}: the loss is {loss}; stopped before saving anything "
+                                 f"({last_saved(ckpt_dir)})")
 
-        done = step + 1
-        tokens = sum(mb["input_ids"].numel() for mb in micro) * world
-        tps = tokens / max(time.time() - t0, 1e-9)  # padded tokens, image slots included
-        record = {"step": done, "loss": loss, "lr": lr, "tokens": tokens, "tok_per_s": round(tps, 1),
-                  "peak_mem_gb": round(peak_mem_gb(device), 3)}
-        if args.eval_every and eval_ex and (done % args.eval_every == 0 or done == args.max_steps):
-            record["eval_loss"] = evaluate(model, eval_ex, batch_size=args.batch_size, stage=args.stage, rank=rank,
-                                           world=world, device=device, autocast=autocast)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}", mem=f"{record['peak_mem_gb']:.2f}G")
-        if master:
-            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if (args.save_every and done % args.save_every == 0) or done in (args.max_steps, args.stop_at):
-            save_training_state(ckpt_dir, model, opt, scaler, step=done, args=vars(args), world=world, master=master)
-        if done == args.stop_at:
-            break
-    bar.close()
-    if args.stop_at and args.stop_at < args.max_steps:
-        return args.out  # no export: --resume continues
-    if master:
-        lora = (dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                     targets=args.lora_targets.split(",")) if args.stage == 2 else None)
-        export(model, args.out, tokenizer_file=tok.model_file, lora=lora, base=args.init,
-               save_dtype=getattr(torch, args.save_dtype) if args.save_dtype else dtype)
+            done = step + 1
+            tokens = sum(mb["input_ids"].numel() for mb in micro) * world
+            tps = tokens / max(time.time() - t0, 1e-9)  # padded tokens, image slots included
+            record = {"step": done, "loss": loss, "lr": lr, "tokens": tokens, "tok_per_s": round(tps, 1),
+                      "peak_mem_gb": round(peak_mem_gb(device), 3)}
+            if args.eval_every and eval_ex and (done % args.eval_every == 0 or done == args.max_steps):
+                record["eval_loss"] = eval_loss(model, eval_ex, batch_size=args.batch_size, stage=args.stage,
+                                                rank=rank, world=world, device=device, autocast=autocast)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}", mem=f"{record['peak_mem_gb']:.2f}G")
+            if master:
+                with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            stopping = all_sum(stop.signal is not None, world, device) > 0  # every rank stops at the same step
+            if stopping or (args.save_every and done % args.save_every == 0) or done in (args.max_steps, args.stop_at):
+                save_training_state(ckpt_dir, model, opt, scaler, step=done, args=vars(args), world=world,
+                                    master=master)  # (refuses non-finite weights)
+            if stopping:
+                raise Stopped(stop.signal or signal.SIGTERM, done, ckpt_dir)
+            if done == args.stop_at:
+                break
+        bar.close()
+        if args.stop_at and args.stop_at < args.max_steps:
+            return args.out  # no export: --resume continues
+        if master:  # (a signal now lets the export finish)
+            lora = (dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                         targets=args.lora_targets.split(",")) if args.stage == 2 else None)
+            export(model, args.out, tokenizer_file=tok.model_file, lora=lora, base=args.init,
+                   save_dtype=getattr(torch, args.save_dtype) if args.save_dtype else dtype)
     if world > 1:
         dist.barrier()
     return args.out
@@ -324,24 +336,15 @@ def train_step(model, opt, scaler, micro, params, *, world, device, autocast, gr
     return loss
 
 
-def evaluate(model, examples, *, batch_size, stage, rank, world, device, autocast):
-    """Mean target-token loss over the held-out examples (sharded over the ranks)."""
-    ds, total, count = OwlDataset(examples, model.config.vision_config.image_size), 0.0, 0
-    mine = list(range(rank, len(ds), world))
-    model.eval()
-    with torch.no_grad(), autocast:
-        for i in range(0, len(mine), batch_size):
-            b = collate([ds[j] for j in mine[i:i + batch_size]])
-            px = None if b["pixel_values"] is None else b["pixel_values"].to(device)
-            ls, n = lm_loss_sum(model(b["input_ids"].to(device), px), b["labels"].to(device))
-            total, count = total + ls.item(), count + n
-    train_mode(model, stage)
-    return all_sum(total, world, device) / max(all_sum(count, world, device), 1)
-
-
 if __name__ == "__main__":
     try:
         main()
-    except (TrainError, DataError, CheckpointError, ImageError, FileNotFoundError, FileExistsError) as e:
+    except (TrainError, DataError, CheckpointError, ImageError, OSError) as e:  # OSError: e.g. OUT turned read-only
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Stopped as e:  # SIGINT / SIGTERM, after saving a checkpoint
+        print(e, file=sys.stderr)
+        sys.exit(e.code)
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print("interrupted: the last saved checkpoint is intact; --resume continues from it", file=sys.stderr)
+        sys.exit(130)

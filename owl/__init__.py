@@ -15,9 +15,17 @@ from .tokenizer import Tokenizer, build_prompt, SYSTEM, IMAGE
 from .image import preprocess_image, load_image, ImageError
 from .generate import generate
 from .weights import load_model, load_vision, load_llama, load_tokenizer, save_model, CheckpointError
-from .lora import LoRALinear, apply_lora, merge_lora, apply_adapter
 
 __all__ = ["OwlConfig", "VisionConfig", "AbstractorConfig", "LlamaConfig", "PRESETS", "preset", "MplugOwl",
            "Tokenizer", "build_prompt", "SYSTEM", "IMAGE", "preprocess_image", "load_image", "ImageError",
            "generate", "load_model", "load_vision", "load_llama", "load_tokenizer", "save_model",
            "apply_adapter", "CheckpointError", "LoRALinear", "apply_lora", "merge_lora"]
+
+
+def __getattr__(name):
+    """owl.LoRALinear, owl.apply_lora, ... import owl.lora on first use: so `python -m owl.lora` runs that
+    file once, as __main__, and not also as an owl.lora imported before it (runpy's RuntimeWarning)."""
+    if name in ("LoRALinear", "apply_lora", "merge_lora", "apply_adapter"):
+        from . import lora
+        return getattr(lora, name)
+    raise AttributeError(f"module 'owl' has no attribute {name!r}")

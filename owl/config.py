@@ -9,6 +9,17 @@ import copy
 from dataclasses import dataclass, field, asdict, fields
 
 
+def check_sizes(cfg, *names, heads=None):
+    """Every named field a positive integer, and (heads) hidden_size a multiple of that head count:
+    a config.json with 0 heads or patch_size 0 stops here, naming the key, not in a division."""
+    for n in names:
+        v = getattr(cfg, n)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{n} must be a positive integer, got {v!r}")
+    if heads and cfg.hidden_size % getattr(cfg, heads):
+        raise ValueError(f"hidden_size {cfg.hidden_size} is not a multiple of {heads} {getattr(cfg, heads)}")
+
+
 @dataclass
 class VisionConfig:  # fV: official MplugOwlVisionModel (CLIP ViT-L/14)
     hidden_size: int = 1024
@@ -19,6 +30,10 @@ class VisionConfig:  # fV: official MplugOwlVisionModel (CLIP ViT-L/14)
     patch_size: int = 14
     layer_norm_eps: float = 1e-6  # the official model uses 1e-6; HF CLIP uses 1e-5
     dropout: float = 0.0  # attention-probability dropout (the official config has 0.0)
+
+    def __post_init__(self):
+        check_sizes(self, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "image_size", "patch_size", heads="num_attention_heads")
 
     @property
     def num_patches(self):
@@ -37,6 +52,10 @@ class AbstractorConfig:  # fK: official MplugOwlVisualAbstractorModel
     encoder_hidden_size: int = 1024  # width of the ViT features it attends to
     layer_norm_eps: float = 1e-6  # used by ffn_ln only; norm1/normk/norm2 keep LayerNorm's 1e-5
     attention_probs_dropout_prob: float = 0.1
+
+    def __post_init__(self):
+        check_sizes(self, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "encoder_hidden_size", heads="num_attention_heads")
 
 
 @dataclass
@@ -57,8 +76,11 @@ class LlamaConfig:  # fL: HF LlamaForCausalLM (LLaMA-1, Llama-2, Vicuna)
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        assert self.hidden_size % self.num_attention_heads == 0, "hidden_size must divide into heads"
-        assert self.num_attention_heads % self.num_key_value_heads == 0, "heads must divide into kv heads"
+        check_sizes(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "max_position_embeddings", heads="num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
 
     @property
     def head_dim(self):
@@ -78,7 +100,10 @@ class OwlConfig:
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, from_dict(cls, getattr(self, name)))
         fk, fv = self.visual_abstractor_config, self.vision_config
-        assert fk.encoder_hidden_size == fv.hidden_size, "abstractor.encoder_hidden_size must equal the ViT width"
+        check_sizes(self, "num_query_tokens")
+        if fk.encoder_hidden_size != fv.hidden_size:
+            raise ValueError(f"visual_abstractor_config.encoder_hidden_size {fk.encoder_hidden_size} must equal "
+                             f"the ViT width, vision_config.hidden_size {fv.hidden_size}")
 
     @property
     def image_tokens(self):  # positions one <image> takes in the LLM input: queries + the end token
@@ -99,14 +124,23 @@ class OwlConfig:
         missing = [k for k in ("vision_config", "visual_abstractor_config", "text_config") if k not in d]
         if missing:
             raise ValueError(f"not an mPLUG-Owl config: it has no {', '.join(missing)}")
-        return cls(vision_config=from_dict(VisionConfig, d["vision_config"]),
-                   visual_abstractor_config=from_dict(AbstractorConfig, d["visual_abstractor_config"]),
-                   text_config=from_dict(LlamaConfig, d["text_config"]),
-                   num_query_tokens=d.get("num_query_tokens", 64))
+        parts = {k: from_dict(c, d[k], k) for k, c in (("vision_config", VisionConfig), ("text_config", LlamaConfig),
+                                                        ("visual_abstractor_config", AbstractorConfig))}
+        return cls(**parts, num_query_tokens=d.get("num_query_tokens", 64))
 
 
-def from_dict(cls, d):
-    """Build a config from a (HF-style) dict, keeping only the fields we model."""
+def from_dict(cls, d, section=None):
+    """Build a config from a (HF-style) dict, keeping only the fields we model. An error names the
+    section (e.g. text_config) and the key."""
+    try:
+        return _from_dict(cls, d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{section}: {e}" if section else str(e)) from None
+
+
+def _from_dict(cls, d):
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object, got {type(d).__name__}")
     d = dict(d)
     if cls is VisionConfig and d.get("hidden_act", "quick_gelu") != "quick_gelu":
         raise ValueError(f"vision hidden_act {d['hidden_act']!r} is not supported (only quick_gelu)")

@@ -8,6 +8,8 @@ a time without reading it all into memory. Each shard becomes a safetensors shar
 model.safetensors.index.json when there are several); the RoPE `inv_freq` buffers are dropped (they
 are not weights); config, tokenizer and other files are copied. The result is checked against the
 model the config describes and read back tensor by tensor, and only then moved into place.
+DST must not exist, or hold only what this conversion writes (an earlier run of it); DST == SRC and
+a DST holding anything else are refused before anything is read.
 """
 import json
 import os
@@ -18,15 +20,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .weights import CheckpointError, IGNORED, atomic_dir, check_keys, load_config
+from .weights import CheckpointError, IGNORED, atomic_dir, check_destination, check_keys, load_config, read_index
 from .model import MplugOwl
 
 
 def bin_shards(src):
     index = os.path.join(src, "pytorch_model.bin.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            return sorted(set(json.load(f)["weight_map"].values()))
+        return read_index(index)
     shards = sorted(f for f in os.listdir(src) if f.startswith("pytorch_model") and f.endswith(".bin"))
     if not shards:
         raise CheckpointError(f"{src}: no pytorch_model*.bin weights to convert")
@@ -50,11 +51,13 @@ def convert(src, dst):
     shards = bin_shards(src)
     names = ([f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
              if len(shards) > 1 else ["model.safetensors"])
+    copied = [f for f in os.listdir(src) if not (f.endswith(".bin") or f == "pytorch_model.bin.index.json")
+              and os.path.isfile(os.path.join(src, f))]  # config, tokenizer, preprocessor config, ...
+    check_destination(dst, copied + names + ["model.safetensors.index.json"], sources=(src,))
 
     def write(tmp):
-        for f in os.listdir(src):  # config, tokenizer, preprocessor config, ...
-            if not (f.endswith(".bin") or f == "pytorch_model.bin.index.json") and os.path.isfile(os.path.join(src, f)):
-                shutil.copy(os.path.join(src, f), os.path.join(tmp, f))
+        for f in copied:
+            shutil.copy(os.path.join(src, f), os.path.join(tmp, f))
         weight_map, shapes = {}, {}
         for shard, name in zip(shards, names):
             sd = read_bin(os.path.join(src, shard))
@@ -85,7 +88,7 @@ def main(argv):
         sys.exit("usage: python -m owl.convert SRC_DIR DST_DIR")
     try:
         names = convert(*argv)
-    except CheckpointError as e:
+    except (CheckpointError, OSError) as e:  # OSError: e.g. the disk filled up while writing DST.tmp
         sys.exit(f"error: {e}")
     print(f"wrote {len(names)} safetensors file(s) to {argv[1]}; verified against the config's model")
 

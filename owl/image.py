@@ -2,6 +2,12 @@
 RGB, bicubic resize straight to size x size (no crop: the aspect ratio is not kept), scale to
 [0, 1], normalise with CLIP's mean and std. (The paper trains on random resizes to 224 x 224.)
 PIL's decompression-bomb guard stays on.
+
+Images of more than 8 bits (16-bit PNG "I;16", 32-bit integer "I", float "F" TIFFs) are scaled to
+8 bits first: PIL's own convert("RGB") clips them at 255, which turns a 16-bit photo white. The
+scale is the bit depth (65535 for I;16); "I" and "F" carry no depth, so it is read off the values:
+integers up to 255 are 8-bit, up to 65535 16-bit, floats up to 1.0 in [0, 1], up to 255 8-bit, and
+anything larger is scaled by its own maximum (a guess where the file does not say).
 """
 import numpy as np
 import torch
@@ -15,12 +21,25 @@ class ImageError(ValueError):
     pass
 
 
+def to_8bit(image):
+    """A 16/32-bit integer or float image as 8-bit "L", scaled (see the module docstring); others as they are."""
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image
+    a = np.nan_to_num(np.asarray(image, dtype=np.float64)).clip(min=0)
+    top = a.max(initial=0)
+    if image.mode.startswith("I;16"):
+        scale = 65535.0
+    else:
+        scale = next((s for s in ((1.0,) if image.mode == "F" else ()) + (255.0, 65535.0) if top <= s), top)
+    return Image.fromarray(np.round(a * (255.0 / scale)).clip(0, 255).astype(np.uint8), "L")
+
+
 def load_image(path):
-    """Open an image file fully (so a truncated file fails here, naming the file), as RGB."""
+    """Open an image file fully (so a truncated file fails here, naming the file), as 8-bit RGB."""
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return to_8bit(im).convert("RGB")
     except FileNotFoundError:
         raise ImageError(f"{path}: no such image file") from None
     except IsADirectoryError:
@@ -33,7 +52,7 @@ def load_image(path):
 
 def preprocess_image(image, size):
     """PIL image -> FloatTensor (3, size, size), normalised for the CLIP ViT."""
-    image = image.convert("RGB").resize((size, size), resample=Image.BICUBIC)
+    image = to_8bit(image).convert("RGB").resize((size, size), resample=Image.BICUBIC)
     x = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3) in [0, 1]
     x = (x - CLIP_MEAN) / CLIP_STD
     return torch.from_numpy(x.transpose(2, 0, 1).copy())  # (3, H, W)

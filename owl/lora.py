@@ -10,8 +10,12 @@ The official release applied it with peft to q_proj and v_proj, r=8, alpha=32, d
 The adapter files are written and read here too: adapter.safetensors (LoRA A/B and every other
 tensor stage 2 trained, e.g. the abstractor) + adapter.json (r, alpha, dropout, targets, the base).
 
-    python -m owl.lora merge BASE_DIR ADAPTER_FILE OUT_DIR   # fold a stage-2 adapter into a model
+    python -m owl.lora merge BASE_DIR ADAPTER_FILE OUT_DIR [--ignore-adapter-base]   # fold it into a model
+
+adapter.json's base_sha256 is checked against the base folder: an adapter trained on another base is
+refused (--ignore-adapter-base applies it anyway).
 """
+import hashlib
 import json
 import math
 import os
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .weights import CheckpointError, check_keys, load_model, save_model, sha256_of
+from .weights import CheckpointError, check_destination, check_keys, load_model, read_json, save_model
 
 
 class LoRALinear(nn.Linear):
@@ -132,6 +136,17 @@ def trainable_state(model):
     return {n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def sha256_of(path):
+    """Checksum of a model folder: sha256 over its weight files' bytes, in name order."""
+    h = hashlib.sha256()
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors") and not f.startswith("adapter"):
+            with open(os.path.join(path, f), "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
 def save_adapter(model, out_dir, lora, base):
     """adapter.safetensors (LoRA A/B + every other trained tensor) + adapter.json, the format
     apply_adapter reads. lora: dict(r, alpha, dropout, targets); base: the model folder trained on."""
@@ -153,15 +168,43 @@ def adapter_files(adapter_file):
     return adapter_file, meta_file
 
 
+def read_adapter_meta(adapter_file):
+    """adapter.json beside adapter_file, checked: r, alpha, targets (and dropout) of the right types."""
+    meta_file = adapter_files(adapter_file)[1]
+    meta = read_json(meta_file)
+    ok = {"r": isinstance(meta.get("r"), int) and meta["r"] > 0,
+          "alpha": isinstance(meta.get("alpha"), (int, float)),
+          "dropout": isinstance(meta.get("dropout", 0.0), (int, float)),
+          "targets": isinstance(meta.get("targets"), list) and all(isinstance(t, str) for t in meta["targets"])}
+    bad = [k for k, good in ok.items() if not good]
+    if bad:
+        raise CheckpointError(f"{meta_file}: missing or invalid {', '.join(bad)} (r: a positive integer, "
+                              f"alpha and dropout: numbers, targets: a list of layer names)")
+    return meta
+
+
+def check_adapter_base(adapter_file, base_dir):
+    """Refuse an adapter trained on another base: adapter.json's base_sha256 (train.py writes it) must
+    be the base folder's (one read of its weight files). An adapter.json without one is not checked."""
+    meta = read_adapter_meta(adapter_file)
+    want = meta.get("base_sha256")
+    if want is not None and want != sha256_of(base_dir):
+        raise CheckpointError(f"{adapter_file} was trained on another base model ({meta.get('base', '?')}, "
+                              f"sha256 {str(want)[:12]}...), not {base_dir}: pass --ignore-adapter-base to apply "
+                              f"it anyway")
+    return meta
+
+
 def apply_adapter(model, adapter_file):
     """Put the LoRA layers described by adapter.json (beside adapter_file) on the LLM and load the
     adapter's tensors (LoRA A/B and any other trained tensor, e.g. the abstractor), checked."""
-    adapter_file, meta_file = adapter_files(adapter_file)
-    with open(meta_file) as f:
-        meta = json.load(f)
+    meta = read_adapter_meta(adapter_file)
+    try:
+        with safe_open(adapter_file, framework="pt", device="cpu") as f:
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # a truncated or garbage file
+        raise CheckpointError(f"{adapter_file}: cannot read safetensors ({e})") from None
     apply_lora(model.language_model, tuple(meta["targets"]), meta["r"], meta["alpha"], meta.get("dropout", 0.0))
-    with safe_open(adapter_file, framework="pt", device="cpu") as f:
-        sd = {k: f.get_tensor(k) for k in f.keys()}
     have = model.state_dict()
     want = {k: v.shape for k, v in have.items() if "lora_" in k or k in sd}  # every LoRA tensor, and what it trained
     check_keys(want, {k: v.shape for k, v in sd.items()}, adapter_file)
@@ -171,22 +214,26 @@ def apply_adapter(model, adapter_file):
     return meta
 
 
+MERGED = ("config.json", "model.safetensors", "tokenizer.model")  # what merge writes (owl.save_model)
+
+
 def main(argv):
+    ignore_base = "--ignore-adapter-base" in argv
+    argv = [a for a in argv if a != "--ignore-adapter-base"]
     if len(argv) != 4 or argv[0] != "merge":
-        sys.exit("usage: python -m owl.lora merge BASE_DIR ADAPTER_FILE OUT_DIR")
+        sys.exit("usage: python -m owl.lora merge BASE_DIR ADAPTER_FILE OUT_DIR [--ignore-adapter-base]")
     _, base, adapter, out = argv
-    try:
+    try:  # everything is checked before the model is read: OUT is never the base or the adapter's folder
+        check_destination(out, MERGED, sources=(base, os.path.dirname(os.path.abspath(adapter))))
+        read_adapter_meta(adapter) if ignore_base else check_adapter_base(adapter, base)
         model, tok = load_model(base, dtype=None)
         apply_adapter(model, adapter)
         merge_lora(model)
         save_model(model, out, tokenizer_dir=base)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, OSError) as e:
         sys.exit(f"error: {e}")
     print(f"merged {adapter} into {base} -> {out}")
 
 
-if __name__ == "__main__":
-    # `python -m owl.lora` runs this file as __main__ after `import owl` has imported it as owl.lora:
-    # call that module's main, so that one LoRALinear class is in play, not two.
-    from owl.lora import main as package_main
-    package_main(sys.argv[1:])
+if __name__ == "__main__":  # `python -m owl.lora`: owl/__init__.py imports this module lazily, so it runs once
+    main(sys.argv[1:])

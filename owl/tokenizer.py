@@ -31,11 +31,23 @@ def build_prompt(turns):
     return s
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text):
+    """Lone surrogates (what undecodable input bytes become, "\\ud83d" in JSON) -> U+FFFD, so that
+    every string the tokenizer sees is valid Unicode (sentencepiece refuses the others)."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 class Tokenizer:
     def __init__(self, model_file, image_tokens=65):
         if not os.path.isfile(model_file):
             raise FileNotFoundError(f"{model_file}: no such tokenizer file")
-        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        except (RuntimeError, OSError) as e:  # a garbage or empty file
+            raise ValueError(f"{model_file}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
         self.model_file = model_file
         self.image_tokens = image_tokens  # slots per <image>: num_query_tokens + 1
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
@@ -44,12 +56,12 @@ class Tokenizer:
         self.special = {i for i in (self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id(), self.sp.pad_id()) if i >= 0}
 
     def encode(self, text, bos=False, eos=False):
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+        return [self.bos_id] * bos + self.sp.encode(clean_text(text)) + [self.eos_id] * eos
 
     def encode_prompt(self, prompt, bos=True):
         """Ids of a prompt in the official template: BOS, text chunks, IMAGE_SLOT x image_tokens per <image>."""
         ids = [self.bos_id] if bos else []
-        for chunk in re.split(f"({re.escape(IMAGE)})", prompt):
+        for chunk in re.split(f"({re.escape(IMAGE)})", clean_text(prompt)):
             if chunk == IMAGE:
                 ids += [IMAGE_SLOT] * self.image_tokens
             elif chunk:

@@ -12,7 +12,6 @@ raises on missing, unexpected or mis-shaped keys and names them: there is no par
 ("Checkpoint" in this project means train.py's resumable training state, owl/train/state.py; a
 folder of weights is a model folder.)
 """
-import hashlib
 import json
 import os
 import re
@@ -44,8 +43,7 @@ def weight_files(path):
         raise CheckpointError(f"{path}: no such checkpoint directory")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = read_index(index)
         missing = [s for s in files if not os.path.isfile(os.path.join(path, s))]
         if missing:
             raise CheckpointError(f"{index} names shards that are missing: {', '.join(missing[:3])}")
@@ -63,35 +61,49 @@ def read_weights(files, keep=lambda k: True, dtype=None, device="cpu", progress=
     """{name: tensor} of the safetensors files for the kept names, converted tensor by tensor (floating
     ones only) so that at most one extra tensor is alive at any time. progress: a tqdm bar on stderr."""
     out = {}
-    bar = tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True, desc="loading weights",
-               file=sys.stderr, disable=not progress, leave=False)
-    for file in files:
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for k in f.keys():
-                    if keep(k):
-                        t = f.get_tensor(k)
-                        bar.update(t.nbytes)
-                        if dtype is not None and t.is_floating_point():
-                            t = t.to(dtype)
-                        out[k] = t.to(device)
-        except Exception as e:  # a truncated or corrupt file
-            raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
-    bar.close()
+    with tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True, desc="loading weights",
+              file=sys.stderr, disable=not progress, leave=False) as bar:  # (closed, its line cleared, on an error too)
+        for file in files:
+            try:
+                with safe_open(file, framework="pt", device="cpu") as f:
+                    for k in f.keys():
+                        if keep(k):
+                            t = f.get_tensor(k)
+                            bar.update(t.nbytes)
+                            if dtype is not None and t.is_floating_point():
+                                t = t.to(dtype)
+                            out[k] = t.to(device)
+            except Exception as e:  # a truncated or corrupt file
+                raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
     return out
+
+
+def read_json(file, what="a JSON object"):
+    """A JSON object from file; anything else (invalid JSON, a list, binary bytes) stops here, naming the file."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{file}: not {what} (it holds a JSON {type(d).__name__})")
+    return d
+
+
+def read_index(file):
+    """The shard names of a *.index.json (HF's sharded layout), checked."""
+    wm = read_json(file).get("weight_map")
+    if isinstance(wm, dict) and all(isinstance(v, str) for v in wm.values()):
+        return sorted(set(wm.values()))
+    raise CheckpointError(f"{file}: no weight_map of tensor name -> shard file")
 
 
 def read_config(path):
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such checkpoint directory")
-    file = os.path.join(path, "config.json")
-    if not os.path.isfile(file):
+    if not os.path.isfile(os.path.join(path, "config.json")):
         raise CheckpointError(f"{path}: no config.json")
-    try:
-        with open(file) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    return read_json(os.path.join(path, "config.json"), "a model config")
 
 
 # ----------------------------------------------------------------------------- key maps
@@ -120,7 +132,7 @@ HF_CLIP = {
 }
 
 
-def _template(key):
+def layer_template(key):
     """'a.layers.3.b' -> ('a.layers.{}.b', '3'); keys without a layer index -> (key, None)."""
     m = re.search(r"\.(\d+)\.", key)
     return (key[:m.start()] + ".{}." + key[m.end():], m.group(1)) if m else (key, None)
@@ -132,7 +144,7 @@ def map_hf_clip(sd, cfg: VisionConfig):
     for k, v in sd.items():
         if not k.startswith("vision_model.") or k.endswith("position_ids"):
             continue
-        t, i = _template(k)
+        t, i = layer_template(k)
         m = re.fullmatch(r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", k)
         if m:
             qkv[(int(m[1]), m[2], m[3])] = v
@@ -154,28 +166,6 @@ def map_hf_clip(sd, cfg: VisionConfig):
             fused = torch.stack([p.reshape(nh, C // nh, *p.shape[1:]) for p in parts], dim=1)  # (nh, 3, hs, ...)
             out[f"encoder.layers.{layer}.self_attn.query_key_value.{kind}"] = fused.reshape(3 * C, *parts[0].shape[1:])
     return out
-
-
-def unmap_hf_clip(sd, cfg: VisionConfig):
-    """Our ViT state dict -> HF CLIP `vision_model.*` names: the inverse of map_hf_clip (the demo
-    writes its stand-in CLIP with it). The fused per-head [q_h; k_h; v_h] rows are split again."""
-    inverse = {ours: hf for hf, ours in HF_CLIP.items()}
-    C, nh = cfg.hidden_size, cfg.num_attention_heads
-    out = {}
-    for k, v in sd.items():
-        t, i = _template(k)
-        if t.endswith("self_attn.query_key_value.weight") or t.endswith("self_attn.query_key_value.bias"):
-            kind = k.rsplit(".", 1)[1]
-            parts = v.reshape(nh, 3, C // nh, *v.shape[1:])  # (nh, 3, hs, ...)
-            for j, p in enumerate("qkv"):
-                out[f"vision_model.encoder.layers.{i}.self_attn.{p}_proj.{kind}"] = parts[:, j].reshape(C, *v.shape[1:])
-        elif t not in inverse:
-            raise KeyError(f"no HF CLIP name for {k}")
-        else:
-            out[inverse[t].format(i)] = v
-    out["vision_model.embeddings.class_embedding"] = out["vision_model.embeddings.class_embedding"].reshape(-1)
-    out["vision_model.embeddings.position_embedding.weight"] = out["vision_model.embeddings.position_embedding.weight"][0]
-    return {k: v.detach().contiguous() for k, v in out.items()}
 
 
 def map_official(sd):
@@ -214,8 +204,13 @@ def check_keys(want, got, source):
 
 
 def load_checked(module, sd, source):
-    """load_state_dict(strict, assign) after naming every missing, unexpected or mis-shaped key."""
-    check_keys({k: v.shape for k, v in module.state_dict().items()}, {k: v.shape for k, v in sd.items()}, source)
+    """load_state_dict(strict, assign) after naming every missing, unexpected, mis-shaped or integer key."""
+    want = module.state_dict()
+    check_keys({k: v.shape for k, v in want.items()}, {k: v.shape for k, v in sd.items()}, source)
+    ints = [f"{k} ({str(v.dtype).replace('torch.', '')})" for k, v in sd.items()
+            if want[k].is_floating_point() and not v.is_floating_point()]
+    if ints:
+        raise CheckpointError(f"{source}: {len(ints)} tensor(s) are not floating point: {', '.join(ints[:4])}")
     module.load_state_dict(sd, strict=True, assign=True)
     return module
 
@@ -229,15 +224,26 @@ def _tokenizer_file(path):
     return file
 
 
+def load_tokenizer(path, image_tokens=65):
+    try:
+        return Tokenizer(_tokenizer_file(path), image_tokens)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def load_config(path):
     d = read_config(path)
     if "vision_config" not in d or "text_config" not in d:
         kind = d.get("model_type", "unknown")
         raise CheckpointError(f"{path} is not an mPLUG-Owl checkpoint (config.json model_type={kind!r}; "
                               f"it needs vision_config, visual_abstractor_config and text_config)")
+    return _parsed(path, OwlConfig.from_official_dict, d)
+
+
+def _parsed(path, make, *a):
     try:
-        return OwlConfig.from_official_dict(d)
-    except (TypeError, ValueError, AssertionError) as e:
+        return make(*a)
+    except ValueError as e:
         raise CheckpointError(f"{path}/config.json: {e}") from None
 
 
@@ -246,14 +252,13 @@ def load_model(path, device="cpu", dtype=torch.float32, progress=False):
     dtype=None keeps the checkpoint's dtype; progress shows a bar on stderr. Every file the load
     needs is checked before any weight is read."""
     cfg = load_config(path)
-    tok_file = _tokenizer_file(path)
-    return load_owl(path, cfg, device, dtype, progress), Tokenizer(tok_file, cfg.image_tokens)
+    tok = load_tokenizer(path, cfg.image_tokens)
+    return load_owl(path, cfg, device, dtype, progress), tok
 
 
 def load_owl(path, cfg=None, device="cpu", dtype=torch.float32, progress=False):
     """The MplugOwl of a model folder (cfg: its load_config, if already read), without a tokenizer."""
-    cfg = load_config(path) if cfg is None else cfg
-    files = weight_files(path)
+    cfg, files = load_config(path) if cfg is None else cfg, weight_files(path)
     with torch.device("meta"):
         model = MplugOwl(cfg)
     load_checked(model, map_official(read_weights(files, dtype=dtype, device=device, progress=progress)), path)
@@ -267,7 +272,7 @@ def load_vision(clip_dir, device="cpu", dtype=torch.float32, layer_norm_eps=None
     vd = d.get("vision_config", d if d.get("model_type") == "clip_vision_model" else None)
     if vd is None:
         raise CheckpointError(f"{clip_dir}/config.json: no vision_config (is this an HF CLIP checkpoint?)")
-    cfg = from_dict(VisionConfig, vd)
+    cfg = _parsed(clip_dir, from_dict, VisionConfig, vd, "vision_config")
     if layer_norm_eps is not None:
         cfg.layer_norm_eps = layer_norm_eps
     with torch.device("meta"):
@@ -282,45 +287,42 @@ def load_llama(llama_dir, device="cpu", dtype=torch.float32):
     d = read_config(llama_dir)
     if d.get("model_type", "llama") != "llama":
         raise CheckpointError(f"{llama_dir}/config.json: model_type {d.get('model_type')!r} is not llama")
-    try:
-        cfg = from_dict(LlamaConfig, d)
-    except (TypeError, ValueError, AssertionError) as e:
-        raise CheckpointError(f"{llama_dir}/config.json: {e}") from None
+    cfg = _parsed(llama_dir, from_dict, LlamaConfig, d)
     with torch.device("meta"):
         llm = Llama(cfg)
     sd = map_official(read_weights(weight_files(llama_dir), dtype=dtype, device=device))
     return load_checked(llm, sd, llama_dir).eval()
 
 
-def load_tokenizer(path, image_tokens=65):
-    return Tokenizer(_tokenizer_file(path), image_tokens)
-
-
-def sha256_of(path):
-    """Checksum of a model folder: sha256 over its weight files' bytes, in name order."""
-    h = hashlib.sha256()
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors") and not f.startswith("adapter"):
-            with open(os.path.join(path, f), "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 24), b""):
-                    h.update(block)
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------- saving
 
+def check_destination(dst, writes, sources=()):
+    """Refuse a dst that is a source folder, or that exists holding anything but `writes` (the names a
+    writer writes: its own earlier output is replaced, nothing else ever is)."""
+    if os.path.exists(dst) and any(src and os.path.exists(src) and os.path.samefile(src, dst) for src in sources):
+        raise CheckpointError(f"{dst} is the source folder: write to another one")
+    foreign = (sorted(set(os.listdir(dst)) - set(writes)) if os.path.isdir(dst) else
+               [os.path.basename(dst)] if os.path.exists(dst) else [])
+    if foreign:
+        raise CheckpointError(f"{dst} exists and is not this command's own output ({', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}): choose another destination")
+
+
 def atomic_dir(out_dir, write):
-    """Call write(tmp_dir), then move tmp_dir into place: a crash never leaves a half-written out_dir."""
+    """Call write(tmp_dir), then move tmp_dir into place: a crash never leaves a half-written out_dir
+    (a kill between the two renames leaves out_dir.old and out_dir.tmp, complete: see owl/train/state.py)."""
     out_dir = os.path.abspath(out_dir)
-    tmp = out_dir + ".tmp"
+    tmp, old = out_dir + ".tmp", out_dir + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)
+    except OSError as e:
+        raise CheckpointError(f"{out_dir}: cannot write there ({e.strerror})") from None
     try:
         write(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = out_dir + ".old"
     if os.path.exists(out_dir):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out_dir, old)

@@ -2,6 +2,7 @@
 model, and one intra-op thread where a test file asks for it."""
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -64,3 +65,29 @@ def expected():
 def owl_model():
     import owl
     return owl.load_model(os.path.join(REF, "mplug_owl"))
+
+
+def run_script(capsys, path, *args):
+    """`python path args` in this process: the script's own __main__ block runs (its one-line errors and
+    exit codes included) without an interpreter start. (exit code, stdout, stderr)."""
+    import runpy
+    from types import SimpleNamespace
+    old, sys.argv = sys.argv, [path, *map(str, args)]
+    try:
+        runpy.run_path(path, run_name="__main__")
+        rc = 0
+    except SystemExit as e:  # sys.exit("error: ...") prints the text and exits 1, as Python does
+        rc = e.code if isinstance(e.code, int) or e.code is None else print(e.code, file=sys.stderr) or 1
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=rc or 0, stdout=out, stderr=err)
+
+
+def one_line(r, *words):
+    """The run failed with exactly one line on stderr (no traceback) holding every word."""
+    lines = [l for l in r.stderr.replace("\r", "\n").splitlines()
+             if l.strip() and not re.search(r"\| *\S+/\S+ \[\d+:\d\d", l)]  # (tqdm's progress bar is no error)
+    assert r.returncode not in (0, None) and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert len(lines) == 1 and all(w in lines[0] for w in words), r.stderr[-3000:]
+    return lines[0]

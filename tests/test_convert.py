@@ -4,12 +4,13 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file
 
 import owl
-from tests.conftest import ROOT
+from tests.conftest import ROOT, one_line
 
 
 def make_release(ref, d):
@@ -69,3 +70,93 @@ def test_convert_checks_keys_against_config(ref, tmp_path):
     r = run(str(src), str(tmp_path / "out"))
     assert r.returncode != 0 and "mis-shaped 1: query_tokens" in r.stderr
     assert not os.path.exists(tmp_path / "out")
+
+
+def convert_main(capsys, *args):
+    """python -m owl.convert's main in this process: (exit code, stdout, stderr)."""
+    from owl.convert import main
+    try:
+        main([str(a) for a in args])
+        rc = 0
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else print(e.code, file=sys.stderr) or 1
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=rc, stdout=out, stderr=err)
+
+
+def test_convert_never_replaces_what_it_did_not_write(ref, tmp_path, capsys):
+    """Report 2.7 (a DST holding precious.txt and sub/ was emptied), 2.8 (DST == SRC lost the .bin
+    shards), 2.9 (a DST file was renamed away): refused with one line, nothing touched. An earlier
+    conversion into DST is this command's own output: replaced."""
+    src = tmp_path / "release"
+    make_release(ref, str(src))
+    dst = tmp_path / "dst"
+    (dst / "sub").mkdir(parents=True)
+    (dst / "precious.txt").write_text("precious")
+    (dst / "sub" / "notes.txt").write_text("n")
+    one_line(convert_main(capsys, src, dst), f"{dst} exists and is not this command's own output (precious.txt, sub)")
+    assert (dst / "precious.txt").read_text() == "precious" and (dst / "sub" / "notes.txt").exists()
+    before = sorted(os.listdir(src))
+    one_line(convert_main(capsys, src, src), f"{src} is the source folder")
+    assert sorted(os.listdir(src)) == before and not os.path.exists(f"{src}.tmp")
+    (tmp_path / "afile").write_text("mine")
+    one_line(convert_main(capsys, src, tmp_path / "afile"), "is not this command's own output (afile)")
+    assert (tmp_path / "afile").read_text() == "mine"
+    new = tmp_path / "new"
+    for _ in range(2):  # the second run replaces the first one's output
+        assert convert_main(capsys, src, new).returncode == 0
+    assert owl.load_model(str(new))[0] is not None
+
+
+def test_convert_bad_index_and_unwritable_dst_are_one_line(ref, tmp_path, capsys):
+    """Report 2.6 (an invalid pytorch_model.bin.index.json), 2.10 (a DST that cannot be written)."""
+    src = tmp_path / "release"
+    make_release(ref, str(src))
+    index = src / "pytorch_model.bin.index.json"
+    good = index.read_text()
+    for text, words in (("{\n", "not valid JSON"), ('{"weight_map": 3}', "no weight_map")):
+        index.write_text(text)
+        one_line(convert_main(capsys, src, tmp_path / "out"), f"{index}: {words}")
+    index.write_text(good)
+    (tmp_path / "afile").write_text("x")
+    for dst in ("/proc/owl_convert_test", tmp_path / "afile" / "out"):  # (as root too: no permission bits needed)
+        one_line(convert_main(capsys, src, dst), "cannot write there")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_convert_kinds_of_bin_files(ref, tmp_path, capsys):
+    """The .bin rows that were clear already stay so (report 2.3: a legacy non-zip .bin; 2.4: another
+    layout's keys, a DDP prefix, not a dict, truncated; 2.5: tied weights convert), each refused with
+    its reason, nothing written; and a pickle payload never runs in any of them."""
+    sd = load_file(os.path.join(ref, "mplug_owl", "model.safetensors"))
+    marker = tmp_path / "PWNED"
+
+    def release(name, save):
+        d = tmp_path / name
+        shutil.copytree(os.path.join(ref, "mplug_owl"), d)
+        os.remove(d / "model.safetensors")
+        save(d / "pytorch_model.bin")
+        return d
+    cases = {"legacy": (lambda f: torch.save(sd, f, _use_new_zipfile_serialization=False), "cannot load as plain tensors"),
+             "ddp": (lambda f: torch.save({"module." + k: v for k, v in sd.items()}, f), "strip 'module.'"),
+             "list": (lambda f: torch.save(list(sd.values()), f), "not a state dict of tensors"),
+             "cut": (lambda f: (torch.save(sd, f), f.write_bytes(f.read_bytes()[:5000])), "cannot load as plain tensors"),
+             "payload": (lambda f: torch.save({**sd, "x": Payload(str(marker))}, f), "cannot load as plain tensors")}
+    for name, (save, words) in cases.items():
+        r = convert_main(capsys, release(name, save), tmp_path / f"{name}_out")
+        assert r.returncode == 1 and "Traceback" not in r.stderr and words in r.stderr, (name, r.stderr)
+        assert not (tmp_path / f"{name}_out").exists()
+    assert not marker.exists()
+    tied = dict(sd, **{"language_model.lm_head.weight": sd["language_model.model.embed_tokens.weight"]})
+    d = release("tied", lambda f: torch.save(tied, f))
+    assert convert_main(capsys, d, tmp_path / "tied_out").returncode == 0
+    got = owl.load_model(str(tmp_path / "tied_out"))[0].state_dict()["language_model.lm_head.weight"]
+    assert torch.equal(got, sd["language_model.model.embed_tokens.weight"])
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling it would create the marker file
+        return (open, (self.marker, "w"))

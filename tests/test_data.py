@@ -2,6 +2,7 @@
 expectations (official xgpt3 tokenisation); truncation; bad input; the step-wise data order."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from owl.model import lm_loss_sum
 from owl.train.data import (DataError, detect, load_examples, read_records, to_template, tokenize_caption,
                             tokenize_conversation)
 from owl.tokenizer import IGNORE, IMAGE_SLOT
+from tests.conftest import REF
 
 S = owl.SYSTEM
 X = IGNORE
@@ -174,3 +176,82 @@ def test_step_batches_partition_the_same_examples_per_step():
     assert len({i for s in ref[:2] for i in s}) == 7  # epoch 1 covers all 7 before repeating
     at = lambda start: list(StepBatches(7, 2, 1, 5, seed=3, rank=0, world=1, start_step=start))
     assert at(2) == at(0)[2:]  # resume = the step
+
+
+# ----------------------------------------------------------------------------- the red-team cases (shared/design/redteam.md)
+
+def test_records_with_fields_of_the_wrong_type_are_skipped_and_counted(tmp_path, tok, capsys):
+    """Report 5.9 (null/number fields, conversations of strings, "image": 5: tracebacks naming no
+    record), 5.10 ("caption": null trained the text "None", a list its repr, a null value the
+    question "None")."""
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "ok.png")
+    conv = lambda *v: [{"from": "human", "value": v[0]}, {"from": "gpt", "value": v[1]}]
+    bad = [{"image": "ok.png", "caption": None}, {"image": "ok.png", "caption": ["a", "b"]},
+           {"image": "ok.png", "conversations": conv(None, "x")}, {"image": "ok.png", "conversations": ["hi", "there"]},
+           {"image": 5, "conversations": conv("q", "a")}, {"image": {"path": "ok.png"}, "caption": "c"},
+           {"instruction": "q", "input": None, "output": "a"}, {"instruction": "q", "output": None},
+           {"instruction": 123, "output": "a"}]
+    good = [{"image": "ok.png", "caption": "a red square"}, {"instruction": "q", "output": "a"}]
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps(bad + good))
+    ex, st = load_examples([str(f)], tok, 512)
+    assert [e.where for e in ex] == [f"{f}[9]", f"{f}[10]"]
+    assert [w.split(": ", 1)[0] for w in st.bad_records] == [f"{f}[{i}]" for i in range(9)]
+    assert st.bad_records[0] == f"{f}[0]: caption is null, not a string"
+    assert st.bad_records[4] == f"{f}[4]: image is 5, not a path or a list of paths"
+    assert "records with fields of the wrong type (skipped): 9 (first: " in st.report()
+    assert not any("None" in tok.decode([i for i in e.ids if i >= 0]) for e in ex)
+    from tests.conftest import ROOT, run_script
+    r = run_script(capsys, os.path.join(ROOT, "train.py"), "--check-data", "--init", os.path.join(REF, "mplug_owl"),
+                   "--data", f)  # the command: no traceback, the count and the first records named
+    assert r.returncode == 0 and f"wrong type (skipped): 9 (first: {f}[0]: caption is null" in r.stdout, r.stderr
+
+def test_bad_text_is_replaced_or_one_line(tmp_path, tok, capsys):
+    """Report 5.6 (a JSON-escaped lone surrogate: a sentencepiece traceback), 5.7 (a latin-1 byte:
+    UnicodeDecodeError naming no file)."""
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "ok.png")
+    f = tmp_path / "s.jsonl"
+    f.write_text('{"image": "ok.png", "caption": "bad \\ud83d here"}\n{"image": "ok.png", "caption": "fine"}\n')
+    ex, st = load_examples([str(f)], tok, 512)
+    assert len(ex) == 2 and st.replaced == [f"{f}:1"] and "replaced by U+FFFD): 1" in st.report()
+    assert tok.decode([i for i in ex[0].ids if i >= 0]) == "bad \ufffd here"
+    g = tmp_path / "latin1.jsonl"
+    g.write_bytes(b'{"image": "ok.png", "caption": "fine"}\n{"image": "ok.png", "caption": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=rf"^{re.escape(str(g))}:2: not UTF-8 text \(byte 0xe9\); re-save it as UTF-8$"):
+        read_records(str(g))
+    from tests.conftest import ROOT, one_line, run_script
+    r = run_script(capsys, os.path.join(ROOT, "train.py"), "--check-data", "--init", os.path.join(REF, "mplug_owl"),
+                   "--data", g)
+    one_line(r, f"{g}:2: not UTF-8 text")
+
+
+def test_the_data_rows_that_were_clear_stay_so(tmp_path, tok, capsys):
+    """Report 5.2 (an empty file, [], blank lines), 5.3 (no answer; an Alpaca record without output),
+    5.5 (CJK, Arabic, emoji, NUL, ZWSP captions), 5.8 (a UTF-8 BOM), 5.15 (--max-length too short for a
+    caption): as before this branch, one line or a count (a guard against regressions)."""
+    from tests.conftest import ROOT, one_line, run_script
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "ok.png")
+    s1 = lambda data, *extra: ["--stage", "1", "--vision-init", os.path.join(REF, "hf_clip"), "--llm-init",
+                               os.path.join(REF, "hf_llama"), "--data", data, "--out", tmp_path / "o", *extra]
+    for name, text in (("empty.jsonl", ""), ("list.json", "[]"), ("blank.jsonl", "\n\n  \n")):
+        (tmp_path / name).write_text(text)
+        one_line(run_script(capsys, os.path.join(ROOT, "train.py"), *s1(tmp_path / name)),
+                 f"no usable training example in {tmp_path / name}")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"image": "ok.png", "caption": "a red square"}) + "\n")
+    one_line(run_script(capsys, os.path.join(ROOT, "train.py"), *s1(tmp_path / "c.jsonl", "--max-length", "10")),
+             "--max-length 10 leaves no room for a caption")
+    f = tmp_path / "noans.json"
+    f.write_text(json.dumps([{"image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nq"}]}]))
+    assert load_examples([str(f)], tok, 512)[1].empty == [f"{f}[0]"]
+    f.write_text(json.dumps([{"instruction": "q", "input": ""}]))
+    with pytest.raises(DataError, match=r"noans\.json\[0\]: unknown record format \(keys: input, instruction\)"):
+        load_examples([str(f)], tok, 512)
+    caps = ["猫が座っている", "قطة جالسة", "🐱" * 100, "nul \0 here", "zero\u200bwidth", "кошка"]
+    f = tmp_path / "u.jsonl"
+    f.write_text("".join(json.dumps({"image": "ok.png", "caption": c}) + "\n" for c in caps), encoding="utf-8")
+    ex, _ = load_examples([str(f)], tok, 512)
+    assert len(ex) == len(caps) and all(e.labels[-1] == tok.eos_id for e in ex)
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + json.dumps({"image": "ok.png", "caption": "x"}).encode() + b"\n")
+    with pytest.raises(DataError, match=r"bom\.jsonl:1: malformed JSON line \(Unexpected UTF-8 BOM"):
+        read_records(str(f))

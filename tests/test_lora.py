@@ -1,13 +1,20 @@
 """LoRA (owl/lora.py): B = 0 equals the base model, merged equals unmerged, only LoRA trains, and
 the adapter files round-trip."""
 import json
+import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
 
+import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import owl
-from owl.lora import LoRALinear, apply_lora, merge_lora, lora_state_dict, mark_only_lora_as_trainable
-from tests.conftest import tiny_batch, tiny_model
+from owl.lora import (LoRALinear, apply_lora, lora_state_dict, main, mark_only_lora_as_trainable, merge_lora,
+                      save_adapter)
+from tests.conftest import REF, ROOT, one_line, tiny_batch, tiny_model
 
 
 def test_lora_zero_B_equals_base_and_merge_equals_unmerged():
@@ -69,3 +76,89 @@ def test_apply_adapter_round_trip(tmp_path):
     ids, px = tiny_batch()
     with torch.no_grad():
         assert torch.equal(m2(ids, px), m(ids, px))
+
+
+# ----------------------------------------------------------------------------- python -m owl.lora merge (red-team cases)
+
+BASE = os.path.join(REF, "mplug_owl")
+
+
+def make_adapter(base, out_dir, seed=0):
+    """A stage-2 style adapter of `base` (random B, so it matters), written as train.py writes one."""
+    model, _ = owl.load_model(base)
+    apply_lora(model.language_model, ("q_proj", "v_proj"), r=4, alpha=8, dropout=0.0)
+    mark_only_lora_as_trainable(model)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, LoRALinear):
+                layer.lora_B.normal_(std=0.5)
+    os.makedirs(out_dir, exist_ok=True)
+    save_adapter(model, str(out_dir), dict(r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"]), base)
+    return os.path.join(out_dir, "adapter.safetensors")
+
+
+def merged_here(base, adapter):
+    model, _ = owl.load_model(base, dtype=None)
+    owl.apply_adapter(model, adapter)
+    merge_lora(model)
+    return model.state_dict()
+
+
+def lora_main(capsys, *args):
+    try:
+        main([str(a) for a in args])
+        rc = 0
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else print(e.code, file=sys.stderr) or 1
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=rc, stdout=out, stderr=err)
+
+
+def test_merge_cli_runs_as_documented(tmp_path):
+    """Report 4.16: `python -m owl.lora merge BASE ADAPTER OUT` (README) failed, after runpy's
+    RuntimeWarning that owl.lora was imported twice. A real process, as a user runs it."""
+    adapter, out = make_adapter(BASE, tmp_path / "s2"), tmp_path / "merged"
+    r = subprocess.run([sys.executable, "-W", "default", "-m", "owl.lora", "merge", BASE, adapter, str(out)], cwd=ROOT,
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert r.returncode == 0 and r.stderr == "", r.stderr  # no RuntimeWarning either
+    got, want = load_file(out / "model.safetensors"), merged_here(BASE, adapter)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not torch.equal(got["language_model.model.layers.0.self_attn.q_proj.weight"],
+                           load_file(os.path.join(BASE, "model.safetensors"))["language_model.model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_merge_refuses_bad_adapters_and_destinations_it_did_not_write(tmp_path, capsys):
+    """Report 4.17 (a garbage adapter or adapter.json: tracebacks), 4.18 (OUT = the stage-2 folder
+    or BASE was emptied), 4.13 for merge (an adapter of another base, merged silently)."""
+    base = tmp_path / "base"
+    shutil.copytree(BASE, base)
+    s2 = tmp_path / "s2"
+    adapter = make_adapter(str(base), s2)
+    (s2 / "metrics.jsonl").write_text('{"step": 1}\n')
+    one_line(lora_main(capsys, "merge", base, adapter, s2), f"{s2} is the source folder")
+    one_line(lora_main(capsys, "merge", base, adapter, base), f"{base} is the source folder")
+    assert sorted(os.listdir(s2)) == ["adapter.json", "adapter.safetensors", "metrics.jsonl"]
+    assert sorted(os.listdir(base)) == sorted(os.listdir(BASE))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    one_line(lora_main(capsys, "merge", base, adapter, tmp_path / "mine"), "not this command's own output (notes.txt)")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(s2 / "adapter.json", bad / "adapter.json")
+    (bad / "adapter.safetensors").write_bytes(np.random.default_rng(0).bytes(3000))
+    one_line(lora_main(capsys, "merge", base, bad / "adapter.safetensors", tmp_path / "o"), "cannot read safetensors")
+    (bad / "adapter.json").write_text("{not json")
+    one_line(lora_main(capsys, "merge", base, bad / "adapter.safetensors", tmp_path / "o"), "adapter.json: not valid JSON")
+    other = tmp_path / "other"  # the same shapes, another base: refused unless asked for
+    shutil.copytree(s2, other)
+    meta = json.loads((other / "adapter.json").read_text())
+    (other / "adapter.json").write_text(json.dumps({**meta, "base_sha256": "0" * 64, "base": "/elsewhere"}))
+    one_line(lora_main(capsys, "merge", base, other / "adapter.safetensors", tmp_path / "o"),
+             "was trained on another base model (/elsewhere", "--ignore-adapter-base")
+    assert not (tmp_path / "o").exists()
+    out = tmp_path / "merged"
+    for _ in range(2):  # the second merge replaces the first one's output (its own)
+        assert lora_main(capsys, "merge", base, other / "adapter.safetensors", out, "--ignore-adapter-base").returncode == 0
+    want = merged_here(str(base), adapter)
+    assert all(torch.equal(v, want[k]) for k, v in load_file(out / "model.safetensors").items())

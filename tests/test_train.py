@@ -18,6 +18,7 @@ from owl.lora import main as lora_main
 from owl.model import lm_loss_sum
 from owl.train.batches import OwlDataset, collate
 from owl.train.data import DataError, load_examples
+from owl.train.state import read_state, write_state
 from tests.conftest import REF, ROOT
 
 OWL, CLIP, LLAMA = (os.path.join(REF, d) for d in ("mplug_owl", "hf_clip", "hf_llama"))
@@ -130,9 +131,9 @@ def test_resume_is_exact(data, tmp_path):
     # and without restoring the RNG the dropout masks would differ: the test can tell
     no_rng = tmp_path / "no_rng"
     train.main(stage2_args(data, no_rng, *common, "--stop-at", "2"))
-    st = torch.load(no_rng / "checkpoint" / "state.pt", weights_only=False)
+    st = read_state(no_rng / "checkpoint")
     st["rng"] = [_other_rng()]
-    torch.save(st, no_rng / "checkpoint" / "state.pt")
+    write_state(no_rng / "checkpoint", st)
     train.main(stage2_args(data, no_rng, *common, "--resume"))
     assert not np.allclose([r["loss"] for r in la][2:], [json.loads(l)["loss"] for l in open(no_rng / "metrics.jsonl")][2:],
                            atol=1e-6, rtol=0)
@@ -159,7 +160,7 @@ def test_stage_freezing_and_optimizer_state(data, s2_batch2, tmp_path):
     m3 = train.build_model(train.parse_args(stage2_args(data, tmp_path, "--freeze-abstractor")))
     assert {n for n, p in m3.named_parameters() if p.requires_grad} == {n for n, _ in m3.named_parameters() if "lora_" in n}
     # the checkpoint holds the trained tensors only, and Adam state for them only
-    st = torch.load(s2_batch2 / "checkpoint" / "state.pt", weights_only=False)
+    st = read_state(s2_batch2 / "checkpoint")
     trained = load_file(s2_batch2 / "checkpoint" / "trainable.safetensors")
     assert set(trained) == {n for n, p in m2.named_parameters() if p.requires_grad}
     assert len(st["optimizer"]["state"]) == len(trained) and st["step"] == 3
@@ -232,7 +233,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(data, tmp_
     out = tmp_path / "nan"
     with pytest.raises(train.TrainError, match="step 3: the loss is nan"):
         train.main(stage2_args(data, out, "--batch-size", "1", "--max-steps", "4", "--save-every", "2"))
-    st = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    st = read_state(out / "checkpoint")
     assert st["step"] == 2 and len(load_file(out / "checkpoint" / "trainable.safetensors")) > 0
     assert not (out / "model.safetensors").exists()
 
@@ -270,3 +271,65 @@ def test_missing_and_corrupt_images_are_skipped_counted_or_stop(data, tmp_path, 
     assert "missing/unreadable images: 1 in 1 example(s) (first: " in out and "gone.png" in out
     assert "skipped (bad image): " in out and "corrupt.png: cannot read image" in out
     assert [json.loads(l)["step"] for l in open(tmp_path / "o" / "metrics.jsonl")] == [1, 2]
+
+
+# ----------------------------------------------------------------------------- the red-team cases (shared/design/redteam.md)
+
+def test_stage1_skips_text_only_examples_and_says_so(data, tmp_path, capsys):
+    """Report 5.12 (stage 1 on text-only data: a traceback after loading both models), 5.13 / B5
+    (captions + Alpaca at batch 1: a crash at step 2): text-only examples are skipped and counted
+    (in the start-up report and --check-data)."""
+    from tests.conftest import one_line, run_script
+    args = stage1_args(data, tmp_path / "mixed", "--batch-size", "1", "--max-steps", "6")
+    args[args.index("--data") + 1] = f"{data}/caps.jsonl,{data}/alpaca.json"
+    assert train.main(args) == str(tmp_path / "mixed")
+    assert "multimodal 8, text-only 4 (4 skipped: stage 1 trains on images)" in capsys.readouterr().out
+    assert [json.loads(l)["step"] for l in open(tmp_path / "mixed" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    r = run_script(capsys, os.path.join(ROOT, "train.py"), "--check-data", "--llm-init", LLAMA, "--data",
+                   f"{data}/caps.jsonl,{data}/alpaca.json")
+    assert r.returncode == 0 and "(4 skipped: stage 1 trains on images)" in r.stdout and "usable: 8 examples" in r.stdout
+    args[args.index("--data") + 1] = f"{data}/alpaca.json"
+    args[args.index("--out") + 1] = str(tmp_path / "text")
+    one_line(run_script(capsys, os.path.join(ROOT, "train.py"), *args), "no usable training example")
+
+
+def test_unreadable_images_at_batch_size_1_are_replaced(data, tmp_path, capsys):
+    """Report 3.9 / B6: --batch-size 1 with an unreadable image (stage 1 and 2): `cannot reshape a
+    tensor of 0 elements` mid-run. The example is replaced by the next one (the same one whatever the
+    batch split or a resume); a run of unreadable ones stops with one line."""
+    (tmp_path / "zero.png").write_bytes(b"")
+    recs = [{"image": f"{data}/{i % 6}.png", "caption": f"c {i}"} for i in range(6)]
+    recs.insert(2, {"image": str(tmp_path / "zero.png"), "caption": "z"})
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"image": [r["image"]], "text": S + f"Human: <image>\nHuman: q\nAI: {r['caption']}"})
+                           + "\n" for r in recs))
+    for stage, f in ((stage1_args, caps), (stage2_args, sft)):
+        args = stage(data, tmp_path / f.stem, "--batch-size", "1", "--max-steps", "7", "--max-bad-fraction", "0.5")
+        args[args.index("--data") + 1] = str(f)
+        assert train.main(args) == str(tmp_path / f.stem)
+        assert "zero.png: cannot read image" in capsys.readouterr().out
+        assert len(open(tmp_path / f.stem / "metrics.jsonl").readlines()) == 7
+    ds = OwlDataset(load_examples([str(caps)], owl.load_tokenizer(LLAMA, 9), 512)[0], 56)
+    assert torch.equal(ds[2]["ids"], ds[3]["ids"]) and len(ds[2]["bad"]) == 1  # the next example stands in
+    (tmp_path / "all_bad").mkdir()
+    for i in range(9):
+        (tmp_path / "all_bad" / f"{i}.png").write_bytes(b"")
+    (tmp_path / "all_bad" / "caps.jsonl").write_text("".join(json.dumps({"image": f"{i}.png", "caption": "c"}) + "\n"
+                                                             for i in range(9)))
+    from tests.conftest import one_line, run_script
+    args = stage1_args(data, tmp_path / "o", "--batch-size", "1", "--max-bad-fraction", "1")
+    args[args.index("--data") + 1] = str(tmp_path / "all_bad" / "caps.jsonl")
+    one_line(run_script(capsys, os.path.join(ROOT, "train.py"), *args), "step 1: 8 examples in a row have unreadable images")
+
+
+def test_bad_flags_are_one_line(data, tmp_path, capsys):
+    """Report 5.16 (--batch-size 0: a traceback), 5.17 (--grad-accum 0: an untrained model, exit 0),
+    and --seed beyond a 64-bit generator."""
+    from tests.conftest import one_line, run_script
+    for flags, words in ((["--batch-size", "0"], "--batch-size >= 1"), (["--grad-accum", "0"], "--grad-accum >= 1"),
+                         (["--seed", str(2**64)], "0 <= --seed < 2**63"), (["--num-queries", "0"], "--num-queries")):
+        r = run_script(capsys, os.path.join(ROOT, "train.py"), *stage1_args(data, tmp_path / "o"), *flags)
+        one_line(r, "need ", words)
+        assert r.stdout == "" and not (tmp_path / "o").exists()

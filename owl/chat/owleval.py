@@ -8,6 +8,10 @@ its first question has ["single_turn", "multi_turn"], the follow-ups ["multi_tur
 image. We answer each conversation in one chat session (the image attached to the first turn) and
 every single-turn question in a fresh one, greedy unless asked otherwise, and write our answers in the
 answer/ format. `write_html` makes a self-contained rating page (images embedded).
+
+The answers file is checked before the first question (its folder exists, it is not a folder, it can
+be written), each answer is appended as soon as it is made, and a re-run answers only the questions
+not in it yet (an answered turn of a conversation is put back into the session, not regenerated).
 """
 import base64
 import glob
@@ -74,6 +78,51 @@ def read_answers(folder):
     return out
 
 
+def check_writable(out, flag="--out"):
+    """A file that can be written: its folder exists, it is not a folder itself, opening it to append
+    works (a file this creates is removed again: nothing is left behind by a check)."""
+    folder, existed = os.path.dirname(os.path.abspath(out)), os.path.exists(out)
+    if os.path.isdir(out):
+        raise OwlEvalError(f"{flag} {out} is a folder: give a file name")
+    if not os.path.isdir(folder):
+        raise OwlEvalError(f"{flag} {out}: no such folder {folder}")
+    try:
+        open(out, "a").close()
+        if not existed:
+            os.remove(out)
+    except OSError as e:
+        raise OwlEvalError(f"{flag} {out}: cannot write there ({e.strerror})") from None
+
+
+FIELDS = ("image", "question_id", "question", "answer", "model_id")
+
+
+def answered(out, model_id, questions, warn=print):
+    """{question_id: answer} already in the answers file (an earlier run stopped partway), checked to be
+    this model's answers file; a torn last line (a kill during a write) is dropped with a note."""
+    check_writable(out)
+    if not os.path.isfile(out):
+        return {}
+    with open(out, encoding="utf-8", errors="replace") as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for k, (n, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if k == len(lines) - 1:
+                warn(f"note: {out}:{n}: dropped a torn last line")
+                continue
+            raise OwlEvalError(f"{out}:{n}: not an answers file of ours (not valid JSON): choose another --out") from None
+        if not isinstance(row, dict) or set(row) != set(FIELDS) or row["model_id"] != model_id:
+            raise OwlEvalError(f"{out}:{n}: not an answers file of model {model_id!r} (fields {', '.join(FIELDS)}): "
+                               f"choose another --out or --model-id")
+        rows.append(row)
+    write_jsonl(rows, out)  # whole lines only (no torn one to append to)
+    ids = {q["question_id"] for q in questions}
+    return {r["question_id"]: r["answer"] for r in rows if r["question_id"] in ids}
+
+
 def conversations(questions):
     """Group the questions into chat sessions, in question order: a multi-turn head
     (["single_turn", "multi_turn"]) opens a conversation on its image, a follow-up (["multi_turn"])
@@ -99,26 +148,36 @@ def _fresh(session, folder, q):
         raise OwlEvalError(str(e)) from None
 
 
-def run(session, folder, questions, model_id, progress=None, warn=print):
-    """Answer every question; the answer/ records in question order. progress(1) is called per answer.
+def record(q, answer, model_id):
+    return {"image": q["image"], "question_id": q["question_id"], "question": q["question"], "answer": answer,
+            "model_id": model_id}
+
+
+def run(session, folder, questions, model_id, done=None, on_answer=None, progress=None, warn=print):
+    """Answer every question not in `done` ({question_id: answer}, see answered); the answer/ records
+    of all of them in question order. on_answer(record) is called as each new answer is made (chat.py
+    appends it to the file), progress(1) per question.
 
     A conversation that outgrows the context window (the tiny test model has 512 positions; the 8-turn
     one on 10.jpg needs more) goes on from a fresh start with the image and the question alone."""
-    answers = {}
+    answers, done = {}, done or {}
     for conv in conversations(questions):
         _fresh(session, folder, conv[0])
         for q in conv:
+            qid = q["question_id"]
+            turn = ((lambda: session.remember(q["question"], done[qid])) if qid in done
+                    else (lambda: session.ask(q["question"]).text))
             try:
-                answers[q["question_id"]] = session.ask(q["question"]).text
+                answers[qid] = turn()
             except ContextFull:
-                warn(f"question {q['question_id']}: the conversation no longer fits the context window; "
-                     f"answering it in a fresh one")
+                warn(f"question {qid}: the conversation no longer fits the context window; answering it in a fresh one")
                 _fresh(session, folder, q)
-                answers[q["question_id"]] = session.ask(q["question"]).text
+                answers[qid] = turn()
+            if on_answer is not None and qid not in done:
+                on_answer(record(q, answers[qid], model_id))
             if progress is not None:
                 progress(1)
-    return [{"image": q["image"], "question_id": q["question_id"], "question": q["question"],
-             "answer": answers[q["question_id"]], "model_id": model_id} for q in questions]
+    return [record(q, answers[q["question_id"]], model_id) for q in questions]
 
 
 def write_atomic(out, text):
@@ -131,6 +190,12 @@ def write_atomic(out, text):
 
 def write_jsonl(records, out):
     write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def append_jsonl(record, out):
+    """One answer, appended as a whole line (kept if the run stops at the next question)."""
+    with open(out, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def _thumbnail(path, side=512):

@@ -158,11 +158,23 @@ class ChatSession:
             raise ChatError(f"the question contains {IMAGE}: attach images with /image (or --image) instead")
         uids = [u for t in self.turns for u, _ in t.images] + self.pending
         answer = self._run(self.prompt(question), uids, on_text)
+        self._add_turn(question, answer.text)
+        return answer
+
+    def remember(self, question, answer):
+        """Add a turn answered before (by an earlier run: OwlEval goes on after a stop) without running
+        the model: later prompts are the ones that turn gave. Raises ContextFull where ask would."""
+        n = len(self.tokenizer.encode_prompt(self.prompt(question)))
+        if n >= self.context:
+            raise ContextFull(f"the conversation needs {n} tokens but the context window holds {self.context}")
+        self._add_turn(question, answer)
+        return answer
+
+    def _add_turn(self, question, answer):
         # An answer that spells "<image>" would turn into image slots in the next prompt: break it up.
-        kept = answer.text.replace(IMAGE, "<image >")
+        kept = answer.replace(IMAGE, "<image >")
         self.turns.append(Turn([(u, self._images[u][0]) for u in self.pending], question, kept))
         self.pending = []
-        return answer
 
     def complete(self, prompt, images=(), on_text=None):
         """Answer a complete prompt in the official template (one <image> per PIL image), verbatim."""

@@ -25,7 +25,7 @@ from ..tokenizer import IGNORE, IMAGE_SLOT, Tokenizer
 from ..train.batches import collate
 from ..train.data import tokenize_caption, tokenize_conversation
 from ..vision import VisionTransformer
-from ..weights import unmap_hf_clip
+from ..weights import HF_CLIP, layer_template
 
 
 # ----------------------------------------------------------------------------- HF layouts (the inputs of stage 1)
@@ -46,6 +46,28 @@ def write_hf_llama(llm: Llama, out_dir, tokenizer_file):
         json.dump(config, f, indent=2)
     with open(tokenizer_file, "rb") as src, open(os.path.join(out_dir, "tokenizer.model"), "wb") as dst:
         dst.write(src.read())
+
+
+def unmap_hf_clip(sd, cfg: VisionConfig):
+    """Our ViT state dict -> HF CLIP `vision_model.*` names: the inverse of owl.weights.map_hf_clip
+    (only the demo writes HF CLIP). The fused per-head [q_h; k_h; v_h] rows are split again."""
+    inverse = {ours: hf for hf, ours in HF_CLIP.items()}
+    C, nh = cfg.hidden_size, cfg.num_attention_heads
+    out = {}
+    for k, v in sd.items():
+        t, i = layer_template(k)
+        if t.endswith("self_attn.query_key_value.weight") or t.endswith("self_attn.query_key_value.bias"):
+            kind = k.rsplit(".", 1)[1]
+            parts = v.reshape(nh, 3, C // nh, *v.shape[1:])  # (nh, 3, hs, ...)
+            for j, p in enumerate("qkv"):
+                out[f"vision_model.encoder.layers.{i}.self_attn.{p}_proj.{kind}"] = parts[:, j].reshape(C, *v.shape[1:])
+        elif t not in inverse:
+            raise KeyError(f"no HF CLIP name for {k}")
+        else:
+            out[inverse[t].format(i)] = v
+    out["vision_model.embeddings.class_embedding"] = out["vision_model.embeddings.class_embedding"].reshape(-1)
+    out["vision_model.embeddings.position_embedding.weight"] = out["vision_model.embeddings.position_embedding.weight"][0]
+    return {k: v.detach().contiguous() for k, v in out.items()}
 
 
 def write_hf_clip(vit: VisionTransformer, out_dir):

@@ -1,11 +1,14 @@
 """Examples -> what the loop consumes: a held-out split, the step-indexed sampler that makes batch,
 accumulation and processes see the same examples per step, the dataset (images read here, in the
-DataLoader's workers) and the collate function (right padding).
+DataLoader's workers), the collate function (right padding), and the held-out loss.
 """
 import torch
 
 from ..image import ImageError, load_image, preprocess_image
+from ..model import lm_loss_sum
 from ..tokenizer import IGNORE
+from .parallel import all_sum
+from .stages import train_mode
 
 def split_examples(examples, n_eval, seed):
     """(train, held-out): a fixed shuffle (seed) puts n_eval examples aside for the eval loss."""
@@ -42,30 +45,37 @@ class StepBatches(torch.utils.data.Sampler):
 
 
 class OwlDataset(torch.utils.data.Dataset):
-    """Examples -> dicts of tensors; images are read here (so a DataLoader's workers do it). An image
-    that fails to load makes the item None: collate drops it and counts it."""
+    """Examples -> dicts of tensors; images are read here (so a DataLoader's workers do it). An example
+    whose image fails to load is replaced by the next one in the list (i + 1, i + 2, ... up to `tries`),
+    so a micro-batch keeps its size whatever its images: the choice depends on i alone, so batch,
+    accumulation, processes and --resume all see the same replacement. "bad" holds the messages of
+    the examples skipped; an item without "ids" found no readable example (the caller stops)."""
 
-    def __init__(self, examples, image_size):
-        self.examples, self.image_size = examples, image_size
+    def __init__(self, examples, image_size, tries=8):
+        self.examples, self.image_size, self.tries = examples, image_size, tries
 
     def __len__(self):
         return len(self.examples)
 
     def __getitem__(self, i):
-        ex = self.examples[i]
-        try:
-            px = [preprocess_image(load_image(p), self.image_size) for p in ex.images]
-        except ImageError as e:
-            return {"bad": str(e)}
-        return {"ids": torch.tensor(ex.ids), "labels": torch.tensor(ex.labels),
-                "pixel_values": torch.stack(px) if px else None}
+        bad = []
+        for k in range(min(self.tries, len(self.examples))):
+            ex = self.examples[(i + k) % len(self.examples)]
+            try:
+                px = [preprocess_image(load_image(p), self.image_size) for p in ex.images]
+            except ImageError as e:
+                bad.append(str(e))
+                continue
+            return {"ids": torch.tensor(ex.ids), "labels": torch.tensor(ex.labels),
+                    "pixel_values": torch.stack(px) if px else None, "bad": bad}
+        return {"bad": bad}
 
 
 def collate(items, pad_id=0):
     """Right-padded (B, T) ids and labels, all images of the batch in order (N, 3, H, W), and the
-    messages of items dropped for a bad image. Right padding needs no attention mask (causal)."""
-    bad = [it["bad"] for it in items if "bad" in it]
-    items = [it for it in items if "bad" not in it]
+    messages of the examples skipped for a bad image. Right padding needs no attention mask (causal)."""
+    bad = [m for it in items for m in it.get("bad", ())]
+    items = [it for it in items if "ids" in it]
     T = max((len(it["ids"]) for it in items), default=1)
     ids = torch.full((len(items), T), pad_id, dtype=torch.long)
     labels = torch.full((len(items), T), IGNORE, dtype=torch.long)
@@ -73,3 +83,19 @@ def collate(items, pad_id=0):
         ids[b, :len(it["ids"])], labels[b, :len(it["labels"])] = it["ids"], it["labels"]
     px = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
     return {"input_ids": ids, "labels": labels, "pixel_values": torch.cat(px) if px else None, "bad": bad}
+
+
+def eval_loss(model, examples, *, batch_size, stage, rank, world, device, autocast):
+    """Mean target-token loss over the held-out examples (sharded over the ranks)."""
+    ds, total, count = OwlDataset(examples, model.config.vision_config.image_size), 0.0, 0
+    mine = list(range(rank, len(ds), world))
+    model.eval()
+    with torch.no_grad(), autocast:
+        for i in range(0, len(mine), batch_size):
+            b = collate([ds[j] for j in mine[i:i + batch_size]])
+            if len(b["input_ids"]):  # (a batch whose every image is unreadable adds nothing)
+                px = None if b["pixel_values"] is None else b["pixel_values"].to(device)
+                ls, n = lm_loss_sum(model(b["input_ids"].to(device), px), b["labels"].to(device))
+                total, count = total + ls.item(), count + n
+    train_mode(model, stage)
+    return all_sum(total, world, device) / max(all_sum(count, world, device), 1)

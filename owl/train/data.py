@@ -12,6 +12,10 @@ and "we compute the loss on the response". Formats, detected per record:
   baize     Baize JSON {"input": "...[|Human|] q\\n[|AI|] a\\n[|Human|] ..."}
 
 Image paths are relative to the data file's folder unless absolute or an image_root is given.
+A record whose fields have the wrong type (a null caption, a number for an instruction, a
+conversation of strings, "image": 5) is skipped and counted with its file:record, never trained as
+the text "None"; lone surrogates ("\\ud83d" in JSON) become U+FFFD, counted. Stage 1 trains on
+images: its text-only examples are skipped and counted (images_required).
 
 Tokenisation and labels follow the official `_extract_text_token_from_conversation`
 (pipeline/data_utils/xgpt3_dataset.py): BOS, then the text split around `<image>`, "AI: " and
@@ -33,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..image import load_image, ImageError
-from ..tokenizer import IGNORE, IMAGE, IMAGE_SLOT, build_prompt
+from ..tokenizer import IGNORE, IMAGE, IMAGE_SLOT, build_prompt, clean_text
 
 SPLIT = re.compile(f"({re.escape(IMAGE)}|AI: |\nHuman: )")
 DELIMS = (IMAGE, "AI: ", "\nHuman: ")
@@ -41,6 +45,10 @@ DELIMS = (IMAGE, "AI: ", "\nHuman: ")
 
 class DataError(ValueError):
     pass
+
+
+class BadRecord(ValueError):
+    """A record of a known format whose fields have the wrong type: skipped and counted."""
 
 
 @dataclass
@@ -63,11 +71,17 @@ class Stats:
     too_long: int = 0  # longer than max_length (truncated)
     dropped_long: int = 0  # skipped: no answer token left after truncation
     empty: list = field(default_factory=list)  # no usable turn
+    bad_records: list = field(default_factory=list)  # "where: caption is null, not a string" (skipped)
+    replaced: list = field(default_factory=list)  # where text held lone surrogates (now U+FFFD)
+    text_only_skipped: int = 0  # stage 1 (images_required)
 
     def report(self):
         n = sum(self.formats.values())
+        first = lambda xs: f" (first: {'; '.join(xs[:3])})" if xs else ""
         lines = [f"examples: {n} ({', '.join(f'{k} {v}' for k, v in sorted(self.formats.items()))})",
-                 f"  multimodal {self.multimodal}, text-only {self.text_only}",
+                 f"  multimodal {self.multimodal}, text-only {self.text_only}"
+                 + (f" ({self.text_only_skipped} skipped: stage 1 trains on images)" if self.text_only_skipped else ""),
+                 f"  records with fields of the wrong type (skipped): {len(self.bad_records)}{first(self.bad_records)}",
                  f"  missing/unreadable images: {len(self.missing)} in {self.bad_examples} example(s)"
                  + (f" (first: {', '.join(self.missing[:3])})" if self.missing else ""),
                  f"  <image> count != image count: {len(self.mismatch)}"
@@ -75,6 +89,8 @@ class Stats:
                  f"  longer than max_length: {self.too_long} (truncated; {self.dropped_long} skipped, "
                  f"no answer left)",
                  f"  no usable turn: {len(self.empty)}" + (f" (first: {', '.join(self.empty[:3])})" if self.empty else "")]
+        if self.replaced:
+            lines.append(f"  text with invalid characters (replaced by U+FFFD): {len(self.replaced)}{first(self.replaced)}")
         return "\n".join(lines)
 
 
@@ -84,8 +100,13 @@ def read_records(file):
     """[(where, record)] from a JSON array file or a JSONL file; a malformed line stops here."""
     if not os.path.isfile(file):
         raise DataError(f"{file}: no such data file")
-    with open(file, encoding="utf-8") as f:
-        text = f.read()
+    with open(file, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{file}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); re-save it as UTF-8") from None
     if text.lstrip().startswith("["):  # a JSON array (LLaVA, Alpaca, ShareGPT, Baize)
         try:
             records = json.loads(text)
@@ -146,24 +167,36 @@ def conversation_text(pairs):
     return build_prompt(turns)
 
 
+def _string(rec, key, optional=False):
+    v = rec.get(key, "" if optional else None)
+    if not isinstance(v, str):
+        raise BadRecord(f"{key} is {json.dumps(v)[:40]}, not a string")
+    return v
+
+
 def to_template(fmt, rec):
-    """A record -> (text in the official template (or the caption), [image paths as written])."""
+    """A record -> (text in the official template (or the caption), [image paths as written]).
+    Raises BadRecord for fields of the wrong type."""
     images = rec.get("image") or []
-    images = [images] if isinstance(images, str) else list(images)
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise BadRecord(f"image is {json.dumps(rec.get('image'))[:40]}, not a path or a list of paths")
     if fmt == "caption":
-        return str(rec["caption"]).strip(), images
+        return _string(rec, "caption").strip(), images
     if fmt == "official":
         return rec["text"], images
     if fmt in ("llava", "sharegpt"):
-        msgs = [(m.get("from") in ("human", "user"), str(m.get("value", ""))) for m in rec["conversations"]
-                if m.get("from") in ("human", "user", "gpt", "assistant", "chatgpt", "bard")]
+        if not all(isinstance(m, dict) and isinstance(m.get("from"), str) for m in rec["conversations"]):
+            raise BadRecord("conversations holds a message that is not {\"from\": ..., \"value\": ...}")
+        msgs = [(m["from"] in ("human", "user"), _string(m, "value")) for m in rec["conversations"]
+                if m["from"] in ("human", "user", "gpt", "assistant", "chatgpt", "bard")]
         pairs = pair_turns(msgs)
         if fmt == "llava" and pairs and not any(IMAGE in q for q, _ in pairs):
             pairs[0] = (IMAGE * len(images) + pairs[0][0], pairs[0][1])  # an image without a tag: first turn
         return (conversation_text(pairs) if pairs else ""), images
     if fmt == "alpaca":
-        q = rec["instruction"].strip() + ("\n" + rec["input"].strip() if rec.get("input", "").strip() else "")
-        return conversation_text([(q, str(rec["output"]))]), []
+        q, extra = _string(rec, "instruction").strip(), _string(rec, "input", optional=True).strip()
+        return conversation_text([(q + ("\n" + extra if extra else ""), _string(rec, "output"))]), []
     if fmt == "baize":
         parts = re.split(r"(\[\|Human\|\]|\[\|AI\|\])", rec["input"])
         msgs = [(parts[i] == "[|Human|]", parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2)]
@@ -223,10 +256,11 @@ def resolve(path, data_file, image_root):
     return os.path.join(image_root or os.path.dirname(os.path.abspath(data_file)), path)
 
 
-def load_examples(files, tok, max_length, image_root=None, check_images=False):
+def load_examples(files, tok, max_length, image_root=None, check_images=False, images_required=False):
     """All examples of the data files, tokenised, and the Stats. Examples whose image is missing
-    (or unreadable, with check_images, which opens every image) or whose <image> count differs from
-    their image count are skipped and counted; a record of no known format stops here."""
+    (or unreadable, with check_images, which opens every image), whose <image> count differs from
+    their image count, whose fields have the wrong type, or (images_required: stage 1) that have no
+    image are skipped and counted; a record of no known format stops here."""
     examples, st = [], Stats()
     for file in files:
         for where, rec in read_records(file):
@@ -236,7 +270,14 @@ def load_examples(files, tok, max_length, image_root=None, check_images=False):
                                 f"expected caption, official (text), llava/sharegpt (conversations), "
                                 f"alpaca (instruction/output) or baize (input with [|Human|])")
             st.formats[fmt] += 1
-            text, images = to_template(fmt, rec)
+            try:
+                text, images = to_template(fmt, rec)
+            except BadRecord as e:
+                st.bad_records.append(f"{where}: {e}")
+                continue
+            if clean_text(text) != text:
+                text = clean_text(text)
+                st.replaced.append(where)
             images = [resolve(p, file, image_root) for p in images]
             n_tags = 1 if fmt == "caption" else text.count(IMAGE)
             if not text or (fmt != "caption" and "AI: " not in text):
@@ -247,6 +288,9 @@ def load_examples(files, tok, max_length, image_root=None, check_images=False):
                 continue
             st.multimodal += bool(images)
             st.text_only += not images
+            if images_required and not images:
+                st.text_only_skipped += 1
+                continue
             bad = [p for p in images if not os.path.isfile(p)]
             if check_images and not bad:
                 bad = [p for p in images if not readable(p)]
@@ -266,9 +310,10 @@ def load_examples(files, tok, max_length, image_root=None, check_images=False):
     return examples, st
 
 
-def training_examples(files, tok, max_length, image_root=None, max_bad_fraction=0.05, log=print):
+def training_examples(files, tok, max_length, image_root=None, max_bad_fraction=0.05, images_required=False,
+                      log=print):
     """load_examples for a training run: the Stats logged, and too many missing images stop here."""
-    examples, st = load_examples(files, tok, max_length, image_root)
+    examples, st = load_examples(files, tok, max_length, image_root, images_required=images_required)
     log(st.report())
     n_all = sum(st.formats.values())
     if n_all and st.bad_examples / n_all > max_bad_fraction:
@@ -285,9 +330,10 @@ def readable(path):
         return False
 
 
-def check_data(files, tok, max_length, image_root=None):
+def check_data(files, tok, max_length, image_root=None, images_required=False):
     """--check-data: read and tokenise everything, open every image, and print the Stats."""
-    examples, st = load_examples(files, tok, max_length, image_root, check_images=True)
+    examples, st = load_examples(files, tok, max_length, image_root, check_images=True,
+                                 images_required=images_required)
     print(st.report())
     n_tok = sum(len(e.ids) for e in examples)
     print(f"  usable: {len(examples)} examples, {n_tok} tokens (image slots included), "

@@ -1,6 +1,17 @@
 """What a training run writes: the exported model (OUT, the official layout) and the resumable
-checkpoint (OUT/checkpoint/: the trained tensors, the optimizer, the step, every rank's RNG state, the
-arguments), from which `train.py --resume` continues exactly.
+checkpoint (OUT/checkpoint/), from which `train.py --resume` continues exactly. The checkpoint holds
+no pickle, so reading one that someone shared runs no code:
+
+  trainable.safetensors  the trained tensors, by their model names
+  state.safetensors      the optimizer's state tensors ("optimizer.{i}.exp_avg", ...) and each rank's
+                         torch and CUDA RNG states ("rng.{rank}.torch", "rng.{rank}.cuda.{j}")
+  state.json             the rest: the step (the data position is the step alone: batches.StepBatches),
+                         the optimizer's param groups, the grad scaler, each rank's Python and numpy RNG
+                         states (lists of ints), the run's arguments
+
+read_state gives back exactly the dict torch.save used to hold. A checkpoint is written into
+checkpoint.tmp and renamed into place (owl.weights.atomic_dir); recover_checkpoint puts the newest
+complete one back after a kill at any point of that. An old state.pt (pickle) is refused, never read.
 """
 import json
 import os
@@ -16,6 +27,8 @@ from safetensors.torch import save_file
 from ..image import CLIP_MEAN, CLIP_STD
 from ..lora import merge_lora, save_adapter, trainable_state
 from ..weights import CheckpointError, atomic_dir, check_keys, save_model
+
+FORMAT = "owl-training-state/1"
 
 
 # ----------------------------------------------------------------------------- the exported model
@@ -64,25 +77,114 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def state_to_files(state):
+    """The training state {optimizer, scaler, step, rng: [per rank], args} -> (tensors, a JSON-able dict)."""
+    tensors, opt_values = {}, {}
+    for i, st in state["optimizer"]["state"].items():  # a tensor's place in state.json: {"tensor": its name}
+        opt_values[str(i)] = {k: {"tensor": f"optimizer.{i}.{k}"} if torch.is_tensor(v) else v for k, v in st.items()}
+        tensors.update({f"optimizer.{i}.{k}": v.detach().cpu().contiguous() for k, v in st.items() if torch.is_tensor(v)})
+    rngs = []
+    for r, s in enumerate(state["rng"]):
+        tensors[f"rng.{r}.torch"] = s["torch"]
+        tensors.update({f"rng.{r}.cuda.{j}": t for j, t in enumerate(s["cuda"] or [])})
+        name, keys, pos, has_gauss, gauss = s["numpy"]
+        rngs.append({"python": [s["python"][0], list(s["python"][1]), s["python"][2]],
+                     "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+                     "cuda": None if s["cuda"] is None else len(s["cuda"])})
+    meta = {"format": FORMAT, "step": state["step"], "args": state["args"], "scaler": state["scaler"],
+            "optimizer": {"param_groups": state["optimizer"]["param_groups"], "state": opt_values}, "rng": rngs}
+    seen = set()  # safetensors refuses tensors that share memory: copy those
+    for k, t in tensors.items():
+        tensors[k] = t.clone() if t.untyped_storage().data_ptr() in seen else t
+        seen.add(t.untyped_storage().data_ptr())
+    return tensors, meta
+
+
+def files_to_state(tensors, meta):
+    """The inverse of state_to_files: the same dicts, tuples and tensors (dtypes included)."""
+    opt = {int(i): {k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v for k, v in st.items()}
+           for i, st in meta["optimizer"]["state"].items()}
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+              for g in meta["optimizer"]["param_groups"]]  # JSON has no tuples: betas come back as one
+    rng = []
+    for r, s in enumerate(meta["rng"]):
+        version, ints, gauss = s["python"]
+        name, keys, pos, has_gauss, cached = s["numpy"]
+        rng.append({"python": (version, tuple(ints), gauss),
+                    "numpy": (name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached),
+                    "torch": tensors[f"rng.{r}.torch"],
+                    "cuda": None if s["cuda"] is None else [tensors[f"rng.{r}.cuda.{j}"] for j in range(s["cuda"])]})
+    return {"optimizer": {"state": opt, "param_groups": groups}, "scaler": meta["scaler"],
+            "step": meta["step"], "rng": rng, "args": meta["args"]}
+
+
+def write_state(folder, state):
+    tensors, meta = state_to_files(state)
+    save_file(tensors, os.path.join(folder, "state.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(folder, "state.json"), "w") as f:
+        json.dump(meta, f)
+
+
+def read_meta(folder):
+    """state.json of a checkpoint folder (the step, the arguments, ...), checked to be this format."""
+    file = os.path.join(folder, "state.json")
+    if os.path.isfile(os.path.join(folder, "state.pt")) and not os.path.isfile(file):
+        raise CheckpointError(f"{folder}/state.pt: a training state in the old pickle format is never read "
+                              f"(unpickling can run code), so this checkpoint cannot be resumed: start the run again")
+    if not os.path.isfile(file) or not os.path.isfile(os.path.join(folder, "trainable.safetensors")):
+        raise CheckpointError(f"{folder}: no training checkpoint to resume from (trainable.safetensors, "
+                              f"state.safetensors, state.json)")
+    try:
+        with open(file, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: cannot read the training state ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{file}: not a training state of this format ({FORMAT})")
+    return meta
+
+
+def read_tensors(file):
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # a truncated or garbage file
+        raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
+
+
+def read_state(folder):
+    """The training state of a checkpoint folder, as save_checkpoint was given it."""
+    meta = read_meta(folder)
+    tensors = read_tensors(os.path.join(folder, "state.safetensors"))
+    try:
+        return files_to_state(tensors, meta)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{folder}/state.json: the training state is incomplete ({type(e).__name__}: {e})") from None
+
+
 def save_checkpoint(ckpt_dir, model, optimizer, scaler, step, rng_states, args):
-    """OUT/checkpoint/: trainable.safetensors + state.pt (optimizer, step, per-rank RNG, args),
-    written to a temporary directory and renamed into place (owl.weights.atomic_dir)."""
+    """OUT/checkpoint/ (the files in the module docstring), written to a temporary directory and renamed
+    into place (owl.weights.atomic_dir)."""
     weights = trainable_state(model)
     state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
              "step": step, "rng": rng_states, "args": args}
 
     def write(tmp):
         save_file(weights, os.path.join(tmp, "trainable.safetensors"), metadata={"format": "pt"})
-        torch.save(state, os.path.join(tmp, "state.pt"))
+        write_state(tmp, state)
     atomic_dir(ckpt_dir, write)
 
 
 def save_training_state(ckpt_dir, model, optimizer, scaler, step, args, world, master):
-    """Every rank calls this (the RNG states are gathered); the master writes. args: a dict."""
+    """Every rank calls this (the RNG states are gathered); the master writes. args: a dict. Weights
+    that are no longer finite (a diverged update) are never saved: the run stops, naming the last good save."""
+    if not all_finite([p for p in model.parameters() if p.requires_grad]):
+        raise CheckpointError(f"step {step}: the update made the weights non-finite; stopped before saving them "
+                              f"({last_saved(ckpt_dir)})")
     rng = rng_state()
     if world > 1:
         gathered = [None] * world
-        dist.all_gather_object(gathered, rng)
+        dist.all_gather_object(gathered, rng)  # between the processes, not into a file
         rng = gathered
     else:
         rng = [rng]
@@ -90,30 +192,102 @@ def save_training_state(ckpt_dir, model, optimizer, scaler, step, args, world, m
         save_checkpoint(ckpt_dir, model, optimizer, scaler, step, rng, args)
 
 
+def complete(folder):
+    """Whether a checkpoint folder holds all its files, whole (safetensors checks that a file covers its header)."""
+    try:
+        read_meta(folder)
+        for f in ("trainable.safetensors", "state.safetensors"):
+            with safe_open(os.path.join(folder, f), framework="pt", device="cpu"):
+                pass
+        return True
+    except Exception:
+        return False
+
+
+def recover_checkpoint(ckpt_dir, log=print):
+    """After a kill during a save (atomic_dir: write checkpoint.tmp, rename checkpoint -> .old, rename
+    .tmp -> checkpoint, remove .old), put the newest complete checkpoint in place. With checkpoint/
+    there, .tmp and .old are an unfinished save and the one before: removed. Without it, the kill
+    came between the renames: .tmp is complete and newest; else .old is the one."""
+    tmp, old = ckpt_dir + ".tmp", ckpt_dir + ".old"
+    if not os.path.isdir(ckpt_dir):
+        for found in (tmp, old):
+            if os.path.isdir(found) and complete(found):
+                os.replace(found, ckpt_dir)
+                log(f"note: {ckpt_dir} recovered from {os.path.basename(found)} (a save was interrupted)")
+                break
+    if os.path.isdir(ckpt_dir):
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- --resume
+
+# Arguments a resumed run must share with the first one: another value would not continue that run
+# (another model shape, other data, another held-out split). The others may change, with a warning
+# where it changes the result (MEANINGFUL); batch, accumulation and processes are warned about in resume.
+EXACT = ("stage", "data", "init", "vision_init", "llm_init", "num_queries", "abstractor_layers", "abstractor_hidden",
+         "abstractor_heads", "abstractor_mlp", "lora_r", "lora_alpha", "lora_targets", "freeze_abstractor",
+         "max_length", "image_root", "seed", "eval_examples", "eval_every")
+MEANINGFUL = ("lr", "min_lr", "vision_lr", "warmup_steps", "weight_decay", "grad_clip", "dropout", "lora_dropout",
+              "max_steps", "precision")
+
+
+def _norm(key, v):
+    if v is None:
+        return None
+    if key == "data":
+        return [os.path.abspath(f) for f in v.split(",")]
+    if key in ("init", "vision_init", "llm_init", "image_root"):
+        return os.path.abspath(v)
+    return bool(v) if key == "eval_every" else v  # only whether examples are held out matters
+
+
+def check_resumed_args(was, now, source, log=print):
+    """Compare this run's arguments (a dict) with the first run's (was): an error naming the flags of
+    EXACT that differ, a warning naming those of MEANINGFUL."""
+    def changed(keys):
+        return [f"--{k.replace('_', '-')} {now.get(k)} (was {was.get(k)})" for k in keys
+                if _norm(k, was.get(k)) != _norm(k, now.get(k))]
+    wrong = changed(EXACT)
+    if wrong:
+        raise CheckpointError(f"--resume: {', '.join(wrong)}: not the run saved in {source}; pass its values, "
+                              f"or start a new run with another --out")
+    if changed(MEANINGFUL):
+        log(f"warning: --resume with {', '.join(changed(MEANINGFUL))}: the run goes on, not as the first run would have")
+
+
 def load_checkpoint(ckpt_dir, model):
-    """Load the trained tensors into model (checked: exactly the trainable names) and return state."""
-    wfile, sfile = os.path.join(ckpt_dir, "trainable.safetensors"), os.path.join(ckpt_dir, "state.pt")
-    if not (os.path.isfile(wfile) and os.path.isfile(sfile)):
-        raise CheckpointError(f"{ckpt_dir}: no training checkpoint to resume from (trainable.safetensors, state.pt)")
+    """Load the trained tensors into model (checked: exactly the trainable names) and return the state."""
+    state = read_state(ckpt_dir)
+    wfile = os.path.join(ckpt_dir, "trainable.safetensors")
     params = dict(model.named_parameters())
-    with safe_open(wfile, framework="pt", device="cpu") as f:
-        try:
-            check_keys({n: p.shape for n, p in params.items() if p.requires_grad},
-                       {k: f.get_slice(k).get_shape() for k in f.keys()}, wfile)
-        except CheckpointError as e:
-            raise CheckpointError(f"{e}\n  hint: resume with the first run's --stage, --lora-*, --freeze-abstractor "
-                                  f"and abstractor flags") from None
-        with torch.no_grad():
-            for n in f.keys():
-                params[n].copy_(f.get_tensor(n))
-    return torch.load(sfile, map_location="cpu", weights_only=False)
+    weights = read_tensors(wfile)
+    try:
+        check_keys({n: p.shape for n, p in params.items() if p.requires_grad}, {k: v.shape for k, v in weights.items()},
+                   wfile)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}\n  hint: resume with the first run's --stage, --lora-*, --freeze-abstractor "
+                              f"and abstractor flags") from None
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    return state
 
 
 def resume(ckpt_dir, model, optimizer, scaler, *, rank, world, batch_size, grad_accum, log=print):
     """Load OUT/checkpoint into the model and the optimizer and this rank's RNG state; returns the
     step to continue from (train.py --resume)."""
     state = load_checkpoint(ckpt_dir, model)
-    optimizer.load_state_dict(state["optimizer"])
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, st in state["optimizer"]["state"].items():
+        if i >= len(params) or any(v.dim() and v.shape != params[i].shape for v in st.values() if torch.is_tensor(v)):
+            raise CheckpointError(f"{ckpt_dir}/state.safetensors: the optimizer state does not fit this run's "
+                                  f"trainable tensors (parameter {i})")
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{ckpt_dir}/state.json: the optimizer state does not fit this run ({e})") from None
     if scaler and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
     was = (len(state["rng"]), state["args"]["batch_size"], state["args"]["grad_accum"])
@@ -126,10 +300,14 @@ def resume(ckpt_dir, model, optimizer, scaler, *, rank, world, batch_size, grad_
     return state["step"]
 
 
-def trim_metrics(file, step):
-    """On resume, drop the metrics of steps after the checkpoint (they are about to be redone)."""
-    if os.path.isfile(file):
-        with open(file) as f:
-            keep = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
-        with open(file, "w") as f:
-            f.writelines(keep)
+def last_saved(ckpt_dir):
+    """Where the last saved checkpoint is, for the message of a run that stops."""
+    try:
+        return f"the last good checkpoint is {ckpt_dir}, step {read_meta(ckpt_dir)['step']}"
+    except CheckpointError:
+        return "no checkpoint was saved"
+
+
+def all_finite(tensors):
+    """Whether every tensor is finite (one host sync): checked before anything is saved."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
