@@ -1,0 +1,136 @@
+"""owl/chat/choices.py on small files the tests write: the JSONL and MMBench-TSV readers (options as a
+list or an object, answers as keys or texts, base64 images, shared images, CircularEval copies, bad
+input named), MMBench's prompt, and --circular's rule (every rotation right) against scorers whose
+behaviour is known: one that reads the options, one that always picks the first."""
+import base64
+import csv
+import io
+import json
+import re
+
+import pytest
+from PIL import Image
+
+import owl
+from owl.chat.choices import ChoicesError, accuracy, evaluate, load_images, prompt_and_choices, read_questions
+
+
+def png_b64(colour):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def write_tsv(path, rows, columns=("index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image")):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, columns, delimiter="\t")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in columns})
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- readers
+
+def test_jsonl_reader(tmp_path):
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    f = write_jsonl(tmp_path / "q.jsonl", [
+        {"id": "q1", "image": "a.png", "question": "Colour?", "options": ["red", "blue"], "answer": "A"},
+        {"id": "q2", "image": ["a.png", "a.png"], "question": "Same?", "options": {"Y": "yes", "N": "no"},
+         "answer": "yes", "hint": "Look twice."},
+        {"question": "No image, no answer?", "options": ["x", "y", "z"]}])
+    (q1, q2, q3), notes = read_questions(f)
+    assert notes == [] and q1.options == {"A": "red", "B": "blue"} and q1.answer == "A"
+    assert q1.images == [("path", str(tmp_path / "a.png"))] and len(load_images(q1)) == 1
+    assert q2.options == {"Y": "yes", "N": "no"} and q2.answer == "Y" and q2.hint == "Look twice."
+    assert len(load_images(q2)) == 2
+    assert q3.id == 3 and q3.answer is None and q3.images == [] and list(q3.options) == ["A", "B", "C"]
+    for rows, msg in [([{"question": "q", "options": ["x"]}], r"q\.jsonl:1: \"options\" must be .* at least 2"),
+                      ([{"question": "q"}], r"q\.jsonl:1: a question needs \"question\" and \"options\""),
+                      ([{"question": "q", "options": ["x", "y"], "answer": "C"}], r":1: answer 'C' is neither"),
+                      ([{"question": "q", "options": ["x", "y"], "image": "gone.png"}], r":1: no such image .*gone\.png"),
+                      ([{"id": 1, "question": "q", "options": ["x", "y"]}] * 2, "duplicate question ids")]:
+        with pytest.raises(ChoicesError, match=msg):
+            read_questions(write_jsonl(tmp_path / "q.jsonl", rows))
+    (tmp_path / "q.jsonl").write_text('{"question": "q", "options": ["x", "y"]}\n{"question": \n')
+    with pytest.raises(ChoicesError, match=r"q\.jsonl:2: not valid JSON"):
+        read_questions(str(tmp_path / "q.jsonl"))
+
+
+def test_mmbench_tsv_reader(tmp_path):
+    f = write_tsv(tmp_path / "mmb.tsv", [
+        {"index": 0, "question": "Colour?", "hint": "nan", "A": "red", "B": "blue", "C": "green", "D": "",
+         "answer": "A", "image": png_b64("red")},
+        {"index": 1, "question": "Yes?", "hint": "It is a test.", "A": "yes", "B": "no", "answer": "B", "image": "0"},
+        {"index": 1000000, "question": "Colour?", "A": "blue", "B": "green", "C": "red", "answer": "C", "image": "0"},
+        {"index": 2, "question": "Broken image", "A": "x", "B": "y", "image": "%%% not base64"}])
+    (q0, q1, q2), notes = read_questions(f)
+    assert notes == [f"{f}: skipped 1 CircularEval copies (rows index + k * 1,000,000)"]
+    assert q0.id == 0 and q0.options == {"A": "red", "B": "blue", "C": "green"} and q0.hint == "" and q0.answer == "A"
+    assert q1.options == {"A": "yes", "B": "no"} and q1.hint == "It is a test." and q1.answer == "B"
+    assert load_images(q1)[0].getpixel((0, 0)) == (255, 0, 0)  # row 0's image, by reference
+    with pytest.raises(owl.ImageError, match=r"mmb\.tsv: index 2: the image field is not valid base64"):
+        load_images(q2)
+    bad = write_tsv(tmp_path / "bad.tsv", [{"index": 0, "question": "q", "A": "x"}], columns=("index", "question", "A"))
+    with pytest.raises(ChoicesError, match=r"bad\.tsv: an MMBench-style TSV needs .* \(missing: B\)"):
+        read_questions(bad)
+    one = write_tsv(tmp_path / "one.tsv", [{"index": 5, "question": "q", "A": "x", "B": "nan"}])
+    with pytest.raises(ChoicesError, match=r"one\.tsv: index 5: fewer than 2 options"):
+        read_questions(one)
+    with pytest.raises(ChoicesError, match=r"q\.csv: expected a \.jsonl or an MMBench-style \.tsv"):
+        (tmp_path / "q.csv").write_text("x")
+        read_questions(str(tmp_path / "q.csv"))
+
+
+def test_the_prompts():
+    from owl.chat.choices import Question
+    q = Question(7, "Which colour?", {"A": "red", "B": "blue"}, "A", hint="A hint.")
+    prompt, choices = prompt_and_choices(q, q.options, 1, list_options=True)
+    assert prompt == owl.SYSTEM + ("Human: <image>\nHuman: Hint: A hint.\nQuestion: Which colour?\nOptions:\n"
+                                   "A. red\nB. blue\nPlease select the correct answer from the options above.\nAI: ")
+    assert choices == ["A", "B"]
+    prompt, choices = prompt_and_choices(q, q.options, 0, list_options=False)
+    assert prompt == owl.SYSTEM + "Human: A hint.\nWhich colour?\nAI: " and choices == ["red", "blue"]
+
+
+# ----------------------------------------------------------------------------- CircularEval
+
+def reads_the_options(prompt, choices, images):
+    """Picks the letter the prompt shows next to 'cat' (a model that understood the question)."""
+    shown = dict(re.findall(r"^([A-Z])\. (.*)$", prompt, flags=re.M))
+    return [1.0 if shown[c] == "cat" else 0.0 for c in choices]
+
+
+def first_option(prompt, choices, images):
+    """Always the first option (a model with only a position bias)."""
+    return [1.0] + [0.0] * (len(choices) - 1)
+
+
+def test_circular_counts_a_question_right_only_if_every_rotation_is(tmp_path):
+    f = write_jsonl(tmp_path / "q.jsonl", [
+        {"id": "a", "question": "Which is a cat?", "options": ["cat", "dog", "cow"], "answer": "A"},
+        {"id": "b", "question": "Which is a cat?", "options": ["dog", "cat"], "answer": "B"},
+        {"id": "c", "question": "Which is a cat?", "options": ["cow", "cat", "dog", "pig"]}])
+    qs, _ = read_questions(f)
+    calls = []
+
+    def counting(prompt, choices, images):
+        calls.append(prompt)
+        return reads_the_options(prompt, choices, images)
+    plain = evaluate(qs, counting, list_options=True)
+    assert len(calls) == 3 and accuracy(plain) == (2, 2) and [r["prediction"] for r in plain] == ["A", "B", "B"]
+    circ = evaluate(qs, counting, list_options=True, circular=True)
+    assert len(calls) == 3 + 3 + 2 + 4 and accuracy(circ) == (2, 2)  # one call per rotation
+    assert [r["rotations"] for r in circ] == [["A"] * 3, ["B"] * 2, ["B"] * 4]  # always the cat, in file letters
+    assert circ[2]["correct"] is None and circ[0]["scores"] == {"A": 1.0, "B": 0.0, "C": 0.0}
+    # a position bias passes the plain evaluation where the answer happens to be A, and never CircularEval
+    assert accuracy(evaluate(qs, first_option, list_options=True)) == (1, 2)
+    biased = evaluate(qs, first_option, list_options=True, circular=True)
+    assert accuracy(biased) == (0, 2) and biased[0]["rotations"] == ["A", "B", "C"]
+    with pytest.raises(ChoicesError, match="--circular needs --list-options"):
+        evaluate(qs, first_option, circular=True)
