@@ -9,6 +9,8 @@ scale is the bit depth (65535 for I;16); "I" and "F" carry no depth, so it is re
 integers up to 255 are 8-bit, up to 65535 16-bit, floats up to 1.0 in [0, 1], up to 255 8-bit, and
 anything larger is scaled by its own maximum (a guess where the file does not say).
 """
+import io
+
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -48,6 +50,16 @@ def load_image(path):
         raise ImageError(f"{path}: refused, too many pixels ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{path}: cannot read image ({e})") from None
+
+
+def decode_image(data, name):
+    """An image from the bytes of a file (a tar member, a base64 field), as load_image does it; an
+    error names `name` instead of the in-memory file."""
+    buf = io.BytesIO(data)
+    try:
+        return load_image(buf)
+    except ImageError as e:
+        raise ImageError(str(e).replace(f"{buf}: ", f"{name}: ", 1).replace(f" {buf}", "")) from None
 
 
 def preprocess_image(image, size):

@@ -24,13 +24,12 @@ prompt their order changes nothing, so --circular needs --list-options.
 import base64
 import binascii
 import csv
-import io
 import json
 import os
 import string
 from dataclasses import dataclass, field
 
-from ..image import ImageError, load_image
+from ..image import ImageError, decode_image, load_image
 from ..tokenizer import build_prompt
 
 CIRCULAR_COPY = 1_000_000  # VLMEvalKit's circular TSVs: the k-th rotation of row i has index i + k * 1e6
@@ -169,10 +168,7 @@ def load_images(q):
             data = base64.b64decode(src, validate=True)
         except (binascii.Error, ValueError):
             raise ImageError(f"{q.where}: the image field is not valid base64") from None
-        try:
-            images.append(load_image(io.BytesIO(data)))
-        except ImageError as e:
-            raise ImageError(f"{q.where}: {str(e).partition(': ')[2]}") from None
+        images.append(decode_image(data, q.where))
     return images
 
 
