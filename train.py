@@ -2,15 +2,18 @@
 
   python train.py --stage 1 --vision-init CLIP_DIR --llm-init LLAMA_DIR --data caps.jsonl --out s1
   python train.py --stage 2 --init s1 --data llava.json,alpaca.json --out s2
+  python train.py --stage 1 ... --data 'caps/{00000..00127}.tar'   # webdataset shards, streamed
   torchrun --nproc_per_node 8 train.py ...            # data parallel, NCCL on GPUs, gloo on CPUs
+  torchrun --nproc_per_node 8 train.py --stage 2 --full-finetune ...   # the whole LLM, sharded (FSDP2)
   python train.py --check-data --init s1 --data ...   # validate the data, no training
   python train.py --demo OUT                          # the whole method on a CPU in minutes (owl/demo/)
 
 The loss is the sum of cross-entropy over target tokens divided by the number of target tokens in
 the whole optimizer step (all micro-batches, all processes), so batch B, accumulation and N processes
 give the same update. What each stage trains is owl/train/stages.py; the data formats are
-owl/train/data.py; the saved model and the resumable checkpoint are owl/train/state.py; the lock on
-OUT, Ctrl-C/SIGTERM (save, then stop) and the metrics rewrite are owl/train/safety.py.
+owl/train/data.py, shards owl/train/shards.py; the saved model and the resumable checkpoint are
+owl/train/state.py; the lock on OUT, Ctrl-C/SIGTERM (save, then stop) and the metrics rewrite are
+owl/train/safety.py; full fine-tuning sharded over the processes is owl/train/fsdp.py.
 """
 import argparse
 import json
@@ -26,20 +29,21 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from owl.config import AbstractorConfig, OwlConfig
 from owl.demo.run import run_demo
 from owl.image import ImageError
 from owl.lora import apply_lora
-from owl.model import MplugOwl, lm_loss_sum
+from owl.model import lm_loss_sum
 from owl.tokenizer import IGNORE
-from owl.train.batches import OwlDataset, StepBatches, collate, eval_loss, split_examples
-from owl.train.data import DataError, check_data, training_examples
+from owl.train.batches import eval_loss, step_batches
+from owl.train.data import DataError, check_data
+from owl.train.fsdp import gathered_model, shard_model, with_dummy_image
 from owl.train.parallel import all_sum, peak_mem_gb, precision, setup_processes
 from owl.train.safety import StopSignals, Stopped, TrainError, hold_out, trim_metrics, worker_init
-from owl.train.stages import cast_frozen, count_by_module, param_groups, set_dropout, set_trainable, train_mode
+from owl.train.shards import ShardCaptions, check_shards, shard_files, training_data
+from owl.train.stages import (build_stage1, cast_frozen, count_by_module, param_groups, set_dropout, set_trainable,
+                              train_mode)
 from owl.train.state import check_resumed_args, export, last_saved, read_meta, resume, save_training_state
-from owl.weights import (CheckpointError, load_config, load_llama, load_owl, load_tokenizer, load_vision,
-                         read_config)
+from owl.weights import CheckpointError, load_config, load_owl, load_tokenizer, read_config
 
 
 def parse_args(argv):
@@ -48,7 +52,7 @@ def parse_args(argv):
     p.add_argument("--vision-init", help="stage 1: HF CLIP checkpoint dir (the ViT)")
     p.add_argument("--llm-init", help="stage 1: HF LLaMA checkpoint dir (LLaMA + tokenizer.model)")
     p.add_argument("--init", help="stage 2: an mPLUG-Owl checkpoint dir (stage-1 output or released -pt)")
-    p.add_argument("--data", help="data files, comma-separated (formats: owl/train/data.py)")
+    p.add_argument("--data", help="data files, comma-separated (owl/train/data.py), or .tar shards (owl/train/shards.py)")
     p.add_argument("--out", help="output dir: final model, checkpoint/, metrics.jsonl")
     p.add_argument("--max-steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=4, help="per process, per micro-step")
@@ -73,12 +77,14 @@ def parse_args(argv):
     p.add_argument("--image-root", help="resolve relative image paths here, not beside the data file")
     p.add_argument("--max-bad-fraction", type=float, default=0.05)
     p.add_argument("--workers", type=int, help="DataLoader workers (default 0 on CPU, 4 on CUDA)")
+    p.add_argument("--shuffle-buffer", type=int, default=1000, help="shards: samples shuffled together")
     p.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), help="default: compute dtype")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=32)
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--lora-targets", default="q_proj,v_proj")
     p.add_argument("--freeze-abstractor", action="store_true", help="stage 2: LoRA only (the released script)")
+    p.add_argument("--full-finetune", action="store_true", help="stage 2: LLM + abstractor, no LoRA (FSDP2 if torchrun)")
     p.add_argument("--num-queries", "--num-query-tokens", type=int, default=64, help="stage 1 abstractor")
     p.add_argument("--abstractor-layers", type=int, default=6)
     p.add_argument("--abstractor-hidden", type=int, help="default and only choice: the ViT width")
@@ -91,7 +97,9 @@ def parse_args(argv):
     sizes = (args.num_queries, args.abstractor_layers, args.abstractor_heads, args.abstractor_mlp, args.lora_r)
     need = {"--batch-size >= 1": args.batch_size >= 1, "--grad-accum >= 1": args.grad_accum >= 1,
             "--max-steps, --save-every, --eval-every >= 0": min(args.max_steps, args.save_every, args.eval_every) >= 0,
-            "0 <= --seed < 2**63": 0 <= args.seed < 2**63, "--num-queries, --abstractor-*, --lora-r >= 1": min(sizes) > 0}
+            "0 <= --seed < 2**63": 0 <= args.seed < 2**63, "--num-queries, --abstractor-*, --lora-r >= 1": min(sizes) > 0,
+            "--shuffle-buffer >= 1": args.shuffle_buffer >= 1, "--full-finetune with --stage 2":
+            not args.full_finetune or args.stage == 2}
     if not all(need.values()):  # one line, before anything is read
         raise TrainError(f"need {'; '.join(k for k, ok in need.items() if not ok)} (train.py --help lists the options)")
     args.lr = args.lr if args.lr is not None else (1e-4 if args.stage == 1 else 2e-5)
@@ -132,42 +140,23 @@ def data_setup(args):
     return tok, args.max_length or ctx, cfg
 
 
-def build_stage1(args):
-    """ViT from HF CLIP, LLaMA from HF LLaMA, a fresh abstractor and query tokens."""
-    if not (args.vision_init and args.llm_init):
-        raise TrainError("--stage 1 needs --vision-init CLIP_DIR and --llm-init LLAMA_DIR")
-    # The official model runs its ViT with LayerNorm eps 1e-6 although CLIP was trained with 1e-5; it
-    # was initialised from CLIP and trained with 1e-6, so we do the same (the outputs at init differ
-    # by ~1e-6 relative; the saved config then matches the released one).
-    vit = load_vision(args.vision_init, layer_norm_eps=1e-6)
-    llm = load_llama(args.llm_init)
-    width = vit.config.hidden_size  # keys/values concatenate the queries with the ViT tokens: same width
-    if args.abstractor_hidden not in (None, width):
-        raise TrainError(f"--abstractor-hidden {args.abstractor_hidden} must equal the ViT width {width}")
-    if width % args.abstractor_heads:
-        raise TrainError(f"--abstractor-heads {args.abstractor_heads} does not divide the width {width}")
-    abstractor = AbstractorConfig(hidden_size=width, intermediate_size=args.abstractor_mlp,
-                                  num_hidden_layers=args.abstractor_layers, num_attention_heads=args.abstractor_heads,
-                                  encoder_hidden_size=width)
-    cfg = OwlConfig(vit.config, abstractor, llm.config, num_query_tokens=args.num_queries)
-    torch.manual_seed(args.seed)  # the same fresh abstractor on every rank
-    model = MplugOwl(cfg, vision_model=vit, language_model=llm)
-    model.init_abstractor()
-    return model
-
-
 def build_model(args, cfg=None):
     if args.stage == 1:
-        model = build_stage1(args)
+        if not (args.vision_init and args.llm_init):
+            raise TrainError("--stage 1 needs --vision-init CLIP_DIR and --llm-init LLAMA_DIR")
+        model = build_stage1(args.vision_init, args.llm_init, num_queries=args.num_queries, layers=args.abstractor_layers,
+                             heads=args.abstractor_heads, mlp=args.abstractor_mlp, hidden=args.abstractor_hidden,
+                             seed=args.seed)
     else:
         model = load_owl(args.init, cfg)
-        torch.manual_seed(args.seed)  # the same LoRA init on every rank
-        apply_lora(model.language_model, tuple(args.lora_targets.split(",")), args.lora_r, args.lora_alpha,
-                   args.lora_dropout)
+        if not args.full_finetune:
+            torch.manual_seed(args.seed)  # the same LoRA init on every rank
+            apply_lora(model.language_model, tuple(args.lora_targets.split(",")), args.lora_r, args.lora_alpha,
+                       args.lora_dropout)
     if args.dropout is not None:
         set_dropout(model, args.dropout)
     model.vision_model.grad_checkpointing = model.language_model.grad_checkpointing = args.grad_checkpointing
-    set_trainable(model, args.stage, train_abstractor=not args.freeze_abstractor)
+    set_trainable(model, args.stage, train_abstractor=not args.freeze_abstractor, full=args.full_finetune)
     return model
 
 
@@ -180,7 +169,10 @@ def main(argv=None):
         return run_demo(args.demo, main, ablation=args.ablation)  # the demo trains through this very main
     if args.check_data:
         tok, max_length, cfg = data_setup(args)
-        check_data(args.data.split(","), tok, max_length, args.image_root, images_required=cfg is None)
+        if shards := shard_files(args.data):
+            check_shards(shards, tok, max_length)
+        else:
+            check_data(args.data.split(","), tok, max_length, args.image_root, images_required=cfg is None)
         return None
     if args.stage is None or not args.out:
         raise TrainError("--stage 1|2 and --out DIR are required")
@@ -201,44 +193,44 @@ def train(args, ckpt_dir, lock=None):
     if args.resume:  # the arguments that would not continue the first run stop here, before any work
         check_resumed_args(read_meta(ckpt_dir)["args"], vars(args), f"{ckpt_dir}/state.json", log)
     tok, max_length, cfg = data_setup(args)  # data first: its errors come before any weight is read
-    examples = training_examples(args.data.split(","), tok, max_length, image_root=args.image_root,
-                                 max_bad_fraction=args.max_bad_fraction, images_required=cfg is None, log=log)
-    n_eval = args.eval_examples if args.eval_examples is not None else min(200, len(examples) // 50)
-    train_ex, eval_ex = split_examples(examples, n_eval if args.eval_every else 0, args.seed)
-    if not train_ex:
-        raise DataError(f"no usable training example in {args.data}")
+    shards, train_ex, eval_ex = training_data(  # shards: streamed, nothing held out
+        args.data, tok, max_length, image_root=args.image_root, max_bad_fraction=args.max_bad_fraction,
+        images_required=cfg is None, eval_examples=args.eval_examples if args.eval_every else 0, seed=args.seed, log=log)
 
     # model: frozen parts in the compute dtype, trainable ones fp32
     model = build_model(args, cfg)
     dtype, autocast, scaler = precision(args.precision, device)
+    sharded = args.full_finetune and world > 1
+    if sharded and scaler:
+        raise TrainError("--full-finetune across processes needs --precision bf16 or fp32 (no fp16 grad scaler)")
     cast_frozen(model, dtype)
     model.to(device)
     train_mode(model, args.stage)
     for name, (t, n) in count_by_module(model).items():
         log(f"{name:16s} trainable {t:>13,d} of {n:>13,d}")
+    if sharded:  # each process keeps a slice of every weight, gradient and Adam moment (fsdp.py)
+        shard_model(model, world=world, device=device, param_dtype=None if dtype == torch.float32 else dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     vision_scale = args.vision_lr / args.lr if args.vision_lr is not None else 1.0
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay, vision_scale), lr=args.lr, betas=(0.9, 0.98),
                             eps=1e-8)
-    ddp = model if world == 1 else DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                       find_unused_parameters=True)  # a text-only micro-batch: no ViT gradient
+    ddp = model if world == 1 or sharded else DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  find_unused_parameters=True)  # text-only: no ViT gradient
+    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    image_size = model.config.vision_config.image_size
+    data = None if not shards else ShardCaptions(  # a stream per process and worker; its position is resumed
+        shards, tokenizer_file=tok.model_file, image_tokens=tok.image_tokens, max_length=max_length, image_size=image_size,
+        batch_size=args.batch_size, seed=args.seed, rank=rank, world=world, workers=workers, buffer=args.shuffle_buffer)
 
     torch.manual_seed(args.seed + rank)  # dropout differs per rank
-    start = 0
-    if args.resume:
-        start = resume(ckpt_dir, model, opt, scaler, rank=rank, world=world, batch_size=args.batch_size,
-                       grad_accum=args.grad_accum, log=log)
+    start = resume(ckpt_dir, model, opt, scaler, rank=rank, world=world, batch_size=args.batch_size,
+                   grad_accum=args.grad_accum, data=data, sharded=sharded, log=log) if args.resume else 0
     if master:
         trim_metrics(os.path.join(args.out, "metrics.jsonl"), start)
 
-    sampler = StepBatches(len(train_ex), batch_size=args.batch_size, grad_accum=args.grad_accum,
-                          max_steps=args.max_steps, seed=args.seed, rank=rank, world=world, start_step=start)
-    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
-    dataset = OwlDataset(train_ex, model.config.vision_config.image_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                                         worker_init_fn=worker_init(lock) if workers else None,
-                                         generator=torch.Generator())  # leaves the global RNG alone
-    batches = iter(loader)
+    dataset, batches = (data, data.batches(worker_init_fn=worker_init(lock))) if shards else step_batches(
+        train_ex, image_size=image_size, batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.max_steps,
+        seed=args.seed, rank=rank, world=world, start_step=start, workers=workers, worker_init_fn=worker_init(lock))
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master,
                dynamic_ncols=True)
     bad_seen, seen = 0, 0
@@ -258,8 +250,10 @@ def train(args, ckpt_dir, lock=None):
             if any(len(mb["input_ids"]) == 0 for mb in micro):
                 raise DataError(f"step {step + 1}: {dataset.tries} examples in a row have unreadable images "
                                 f"(skipped above; --check-data lists them all)")
+            if sharded:  # FSDP: every process runs the ViT and the abstractor on every micro-batch
+                micro = [with_dummy_image(mb, tok.image_tokens, image_size) for mb in micro]
             loss = train_step(ddp, opt, scaler, micro, params, world=world, device=device, autocast=autocast,
-                              grad_clip=args.grad_clip)
+                              grad_clip=args.grad_clip, sharded=sharded)
             if not math.isfinite(loss):
                 raise TrainError(f"step {step + 1}: the loss is {loss}; stopped before saving anything "
                                  f"({last_saved(ckpt_dir)})")
@@ -271,7 +265,8 @@ def train(args, ckpt_dir, lock=None):
                       "peak_mem_gb": round(peak_mem_gb(device), 3)}
             if args.eval_every and eval_ex and (done % args.eval_every == 0 or done == args.max_steps):
                 record["eval_loss"] = eval_loss(model, eval_ex, batch_size=args.batch_size, stage=args.stage,
-                                                rank=rank, world=world, device=device, autocast=autocast)
+                                                rank=rank, world=world, device=device, autocast=autocast,
+                                                sharded=sharded)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}", mem=f"{record['peak_mem_gb']:.2f}G")
             if master:
                 with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
@@ -279,7 +274,7 @@ def train(args, ckpt_dir, lock=None):
             stopping = all_sum(stop.signal is not None, world, device) > 0  # every rank stops at the same step
             if stopping or (args.save_every and done % args.save_every == 0) or done in (args.max_steps, args.stop_at):
                 save_training_state(ckpt_dir, model, opt, scaler, step=done, args=vars(args), world=world,
-                                    master=master)  # (refuses non-finite weights)
+                                    master=master, data=data, sharded=sharded)  # (refuses non-finite weights)
             if stopping:
                 raise Stopped(stop.signal or signal.SIGTERM, done, ckpt_dir)
             if done == args.stop_at:
@@ -287,30 +282,32 @@ def train(args, ckpt_dir, lock=None):
         bar.close()
         if args.stop_at and args.stop_at < args.max_steps:
             return args.out  # no export: --resume continues
+        whole = gathered_model(model) if sharded else model  # FSDP: every rank sends, rank 0 gets it all
         if master:  # (a signal now lets the export finish)
-            lora = (dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                         targets=args.lora_targets.split(",")) if args.stage == 2 else None)
-            export(model, args.out, tokenizer_file=tok.model_file, lora=lora, base=args.init,
+            lora = (dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets
+                         .split(",")) if args.stage == 2 and not args.full_finetune else None)
+            export(whole, args.out, tokenizer_file=tok.model_file, lora=lora, base=args.init,
                    save_dtype=getattr(torch, args.save_dtype) if args.save_dtype else dtype)
     if world > 1:
         dist.barrier()
     return args.out
 
 
-def train_step(model, opt, scaler, micro, params, *, world, device, autocast, grad_clip):
+def train_step(model, opt, scaler, micro, params, *, world, device, autocast, grad_clip, sharded=False):
     """One optimizer step over the micro-batches; returns the loss per target token of the step. A
     non-finite loss returns before the update, the weights untouched (the caller stops)."""
     # the loss is normalised by the target tokens of the whole step, over micro-batches and processes
     n_tgt = all_sum(sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro), world, device)
     loss_sum = 0.0
     for m, mb in enumerate(micro):
-        # DDP all-reduces gradients in backward; only the last micro-step needs it (nanoGPT)
-        sync = world == 1 or m == len(micro) - 1
+        # DDP all-reduces gradients in backward; only the last micro-step needs it (nanoGPT). FSDP
+        # reduce-scatters at every one: skipping it would keep whole unsharded gradients, FSDP's saving gone.
+        sync = world == 1 or sharded or m == len(micro) - 1
         with nullcontext() if sync else model.no_sync():
             with autocast:
                 pixels = None if mb["pixel_values"] is None else mb["pixel_values"].to(device)
                 ls, _ = lm_loss_sum(model(mb["input_ids"].to(device), pixels), mb["labels"].to(device))
-            loss = ls * world / max(n_tgt, 1)  # DDP averages over the world: undo it
+            loss = ls * world / max(n_tgt, 1)  # DDP and FSDP average over the world: undo it
             (scaler.scale(loss) if scaler else loss).backward()
         loss_sum += ls.item()
     loss = all_sum(loss_sum, world, device) / max(n_tgt, 1)

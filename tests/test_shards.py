@@ -63,8 +63,8 @@ def dataset(spec, **kw):
 
 
 def batches(ds, n):
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=ds.workers if ds.workers > 1 else 0,
-                                         collate_fn=identity)
+    """The first n batches through the dataset's own DataLoader (its workers), without advance()."""
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=ds.workers, collate_fn=identity)
     out = []
     for b in loader:
         out.append(b)
@@ -139,8 +139,8 @@ def test_a_resumed_stream_continues_exactly(tmp_path):
     make = lambda: dataset(spec, workers=2, buffer=4, batch_size=3)
     straight = batches(make(), 9)
     first = make()
-    for b in batches(first, 5):  # 5 batches: an odd number, so the next turn is worker 1's
-        first.advance(b)
+    for _, b in zip(range(5), first.batches()):  # 5 batches: an odd number, so the next turn is worker 1's
+        assert b["samples"] == straight[first.taken - 1]["samples"]
     state = json.loads(json.dumps(first.state_dict()))  # what the checkpoint's JSON holds
     resumed = make()
     assert resumed.load_state_dict(state)
@@ -227,3 +227,54 @@ def test_memory_does_not_grow_with_the_number_of_shards(tmp_path):
         rss[n] = int(r.stdout.split()[-1]) / 1024  # KiB -> MiB
     print(f"peak RSS reading 2 shards (4 MB): {rss[2]:.1f} MiB, 20 shards (39 MB): {rss[20]:.1f} MiB")
     assert rss[20] - rss[2] < 8, rss  # 35 MB more data; held in memory it would show
+
+
+# ----------------------------------------------------------------------------- train.py on shards
+
+def shard_run(spec, out, *extra):
+    from tests.test_train import stage1_args
+    args = stage1_args(out, out, "--batch-size", "2", "--max-steps", "4", "--save-every", "2", "--workers", "2",
+                       "--shuffle-buffer", "5", *extra)
+    args[args.index("--data") + 1] = spec
+    return args
+
+
+def test_stage1_on_shards_resumes_exactly_and_skips_bad_members(tmp_path, capsys):
+    import train
+    from tests.test_train import assert_same
+    caption_shards(str(tmp_path / "caps"), 3, 2)
+    write_tar(tmp_path / "caps" / "00003.tar", [("x.png", png(7)), ("x.txt", b"fine"), ("y.png", b"corrupt"),
+                                                ("y.txt", b"bad image")])
+    spec = f"{tmp_path}/caps/{{00000..00003}}.tar"  # 8 samples; 2 worker streams of 2 shards each
+    straight, split, restart = tmp_path / "straight", tmp_path / "split", tmp_path / "restart"
+    train.main(shard_run(spec, straight))
+    out = capsys.readouterr().out
+    assert "data: 4 shards, read as a stream" in out
+    # each stream takes 2 batches of 2 in 4 steps, more than its epoch holds: the corrupt image is met
+    assert "skipped (bad image): 00003.tar/y.png: cannot read image (cannot identify image file)" in out, out[-2000:]
+    losses = lambda d: [json.loads(l)["loss"] for l in open(d / "metrics.jsonl")]
+    for d in (split, restart):
+        train.main(shard_run(spec, d, "--stop-at", "2"))
+    state = json.load(open(split / "checkpoint" / "state.json"))
+    assert state["step"] == 2 and state["data"][0]["batches"] == 2 and len(state["data"][0]["positions"]) == 2
+    train.main(shard_run(spec, split, "--resume"))
+    assert_same(straight / "model.safetensors", split / "model.safetensors", 1e-6)
+    assert len(losses(straight)) == 4 and np.allclose(losses(straight), losses(split), atol=1e-6, rtol=0)
+    # the saved position is what makes it exact: resumed with the streams started over, it differs
+    state["data"][0]["positions"] = {}
+    (restart / "checkpoint" / "state.json").write_text(json.dumps(state))
+    train.main(shard_run(spec, restart, "--resume"))
+    assert not np.allclose(losses(straight)[2:], losses(restart)[2:], atol=1e-6, rtol=0)
+
+
+def test_check_data_and_the_bad_fraction_on_shards(tmp_path, capsys):
+    import train
+    from tests.test_train import LLAMA
+    caption_shards(str(tmp_path / "caps"), 2, 3)
+    assert train.main(["--check-data", "--llm-init", LLAMA, "--data", str(tmp_path / "caps")]) is None
+    assert "shards: 2, samples: 6 (image + caption)" in capsys.readouterr().out
+    (tmp_path / "bad").mkdir()  # every other image corrupt: past 20 samples seen, 50% > --max-bad-fraction 5%
+    write_tar(tmp_path / "bad" / "0.tar", [m for i in range(30) for m in (
+        (f"{i:02d}.png", png(i) if i % 2 else b"corrupt"), (f"{i:02d}.txt", b"a caption"))])
+    with pytest.raises(DataError, match=r"of \d+ examples had unreadable images \(> --max-bad-fraction\)"):
+        train.main(shard_run(str(tmp_path / "bad"), tmp_path / "out", "--max-steps", "8", "--workers", "0"))

@@ -29,7 +29,6 @@ Bad members (an image that does not decode, a sample without caption or image, a
 are skipped; their messages ride with the next batch as "bad", which train.py counts against
 --max-bad-fraction as it does for JSON data.
 """
-import io
 import json
 import os
 import random
@@ -39,10 +38,10 @@ from itertools import islice
 
 import torch
 
-from ..image import ImageError, load_image, preprocess_image
+from ..image import ImageError, decode_image, preprocess_image
 from ..tokenizer import IGNORE, Tokenizer
-from .batches import collate
-from .data import DataError, tokenize_caption
+from .batches import collate, split_examples
+from .data import DataError, tokenize_caption, training_examples
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the first present is the sample's image
 KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext: (key, extension)
@@ -108,6 +107,24 @@ def shard_files(data):
     return shards or None
 
 
+def training_data(data, tok, max_length, *, image_root, max_bad_fraction, images_required, eval_examples, seed,
+                  log=print):
+    """(shards, training examples, held-out examples) of --data: shards (shard_files) are read as a
+    stream, so no example is read up front (None) and none is held out; JSON files are read whole and
+    eval_examples held out (None: 2%, at most 200; 0 without --eval-every)."""
+    shards = shard_files(data)
+    if shards:
+        log(f"data: {len(shards)} shards, read as a stream")
+        return shards, None, []
+    examples = training_examples(data.split(","), tok, max_length, image_root=image_root,
+                                 max_bad_fraction=max_bad_fraction, images_required=images_required, log=log)
+    n_eval = eval_examples if eval_examples is not None else min(200, len(examples) // 50)
+    train_ex, eval_ex = split_examples(examples, n_eval, seed)
+    if not train_ex:
+        raise DataError(f"no usable training example in {data}")
+    return None, train_ex, eval_ex
+
+
 # ----------------------------------------------------------------------------- reading a shard
 
 def unit_samples(path, part=0, parts=1, skip=0):
@@ -157,9 +174,9 @@ def decode(where, parts):
     if ext is None:
         raise ValueError(f"{where}: no image ({', '.join(IMAGE_EXTS)})")
     try:
-        image = load_image(io.BytesIO(parts[ext]))
+        image = decode_image(parts[ext], f"{where}.{ext}")
     except ImageError as e:
-        raise ValueError(f"{where}.{ext}: {str(e).partition(': ')[2]}") from None
+        raise ValueError(str(e)) from None
     return caption, image
 
 
@@ -234,25 +251,33 @@ def stream_samples(shards, stream, streams, *, seed, buffer, position=None):
 
 
 class ShardCaptions(torch.utils.data.IterableDataset):
-    """Caption batches from shards for one process: iterate it through a DataLoader(batch_size=None).
-    Each batch is collate()'s dict plus "bad" (messages of the samples skipped while making it),
-    "samples" ([(epoch, "shard/key")]) and "position" ((stream, its position after this batch)).
+    """Caption batches from shards for one process, through its DataLoader with `workers` workers
+    (batches()). Each batch is collate()'s dict plus "bad" (messages of the samples skipped while making
+    it), "samples" ([(epoch, "shard/key")]) and "position" ((stream, its position after this batch)).
     The process keeps track with advance(batch); state_dict()/load_state_dict() save and restore it."""
 
     def __init__(self, shards, *, tokenizer_file, image_tokens, max_length, image_size, batch_size, seed,
                  rank=0, world=1, workers=0, buffer=1000):
         self.shards, self.tokenizer_file, self.image_tokens = list(shards), tokenizer_file, image_tokens
         self.max_length, self.image_size, self.batch_size, self.seed = max_length, image_size, batch_size, seed
-        self.rank, self.world, self.workers, self.buffer = rank, world, max(1, workers), buffer
-        self.positions, self.batches = {}, 0  # {stream: position}, batches this process has consumed
+        self.rank, self.world, self.workers, self.buffer = rank, world, workers, buffer
+        self.positions, self.taken = {}, 0  # {stream: position}, batches this process has consumed
+
+    def batches(self, worker_init_fn=None):
+        """Endless batches through a DataLoader, each recorded (advance) as the loop takes it."""
+        loader = torch.utils.data.DataLoader(self, batch_size=None, collate_fn=identity, num_workers=self.workers,
+                                             worker_init_fn=worker_init_fn if self.workers else None)
+        for batch in loader:
+            self.advance(batch)
+            yield batch
 
     def advance(self, batch):
         stream, position = batch["position"]
         self.positions[stream] = position
-        self.batches += 1
+        self.taken += 1
 
     def state_dict(self):
-        return {"world": self.world, "workers": self.workers, "batches": self.batches, "seed": self.seed,
+        return {"world": self.world, "workers": self.workers, "batches": self.taken, "seed": self.seed,
                 "buffer": self.buffer, "shards": len(self.shards),
                 "positions": {str(s): list(p) for s, p in self.positions.items()}}
 
@@ -262,18 +287,19 @@ class ShardCaptions(torch.utils.data.IterableDataset):
                                                     ("seed", self.seed), ("buffer", self.buffer),
                                                     ("shards", len(self.shards))))
         if same:
-            self.batches = state["batches"]
+            self.taken = state["batches"]
             self.positions = {int(s): tuple(p) for s, p in state["positions"].items()}
         return same
 
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
+        info, n = torch.utils.data.get_worker_info(), max(1, self.workers)
         w = 0 if info is None else info.id
-        if info is not None and info.num_workers != self.workers:
-            raise DataError(f"ShardCaptions was made for {self.workers} workers, the DataLoader has {info.num_workers}")
-        stream = self.rank * self.workers + (w + self.batches) % self.workers
+        if (0 if info is None else info.num_workers) != self.workers:
+            raise DataError(f"ShardCaptions was made for {self.workers} workers, the DataLoader has "
+                            f"{0 if info is None else info.num_workers}")
+        stream = self.rank * n + (w + self.taken) % n
         tok = Tokenizer(self.tokenizer_file, self.image_tokens)  # made here: each worker its own
-        samples = stream_samples(self.shards, stream, self.world * self.workers, seed=self.seed,
+        samples = stream_samples(self.shards, stream, self.world * n, seed=self.seed,
                                  buffer=self.buffer, position=self.positions.get(stream))
         items, bad, names = [], [], []
         last_good = (self.positions.get(stream) or (0,))[0]  # the epoch of the last usable sample

@@ -6,26 +6,36 @@
            fV and fL's base weights frozen.
            The paper trains the abstractor in stage 2; the released script (peft, LoRA on q_proj and
            v_proj) trained LoRA only: `train_abstractor=False` (train.py --freeze-abstractor) does that.
+  stage 2, full fine-tuning (`full=True`, train.py --full-finetune; the released `-ft` model): the
+           whole of fL and fK train, no LoRA; fV frozen. Sharded over the processes: fsdp.py.
 
-Frozen weights get requires_grad False, hence no gradient and no optimizer state. Also here: the
-precision of frozen weights, AdamW parameter groups and the --dropout switch.
+Frozen weights get requires_grad False, hence no gradient and no optimizer state. Also here: what
+stage 1 starts from, the precision of frozen weights, AdamW parameter groups and the --dropout switch.
 """
 import torch
 
 from ..abstractor import AbstractorAttention
+from ..config import AbstractorConfig, OwlConfig
 from ..lora import LoRALinear, mark_only_lora_as_trainable
+from ..model import MplugOwl
 from ..vision import VisionAttention
+from ..weights import load_llama, load_vision
+from .safety import TrainError
 
 # Tensors we treat like embeddings: no weight decay (as the 1-D norms and biases).
 NO_DECAY = ("query_tokens", "abstractor.vit_eos", "vision_model.embeddings.cls_token",
             "vision_model.embeddings.position_embedding")
 
 
-def set_trainable(model, stage, train_abstractor=True):
+def set_trainable(model, stage, train_abstractor=True, full=False):
     """requires_grad per stage; returns the names of the trainable parameters."""
     if stage == 1:
         for name, p in model.named_parameters():
             p.requires_grad_(not name.startswith("language_model."))
+    elif full:
+        for name, p in model.named_parameters():
+            llm, vit = name.startswith("language_model."), name.startswith("vision_model.")
+            p.requires_grad_(llm or (train_abstractor and not vit))
     else:
         mark_only_lora_as_trainable(model)
         if train_abstractor:
@@ -33,6 +43,28 @@ def set_trainable(model, stage, train_abstractor=True):
                 if name.startswith("abstractor.") or name == "query_tokens":
                     p.requires_grad_(True)
     return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def build_stage1(vision_init, llm_init, *, num_queries, layers, heads, mlp, hidden=None, seed=0):
+    """ViT from HF CLIP, LLaMA from HF LLaMA, a fresh abstractor (layers, heads, SwiGLU width mlp) and
+    num_queries query tokens, the same on every rank (seed)."""
+    # The official model runs its ViT with LayerNorm eps 1e-6 although CLIP was trained with 1e-5; it
+    # was initialised from CLIP and trained with 1e-6, so we do the same (the outputs at init differ
+    # by ~1e-6 relative; the saved config then matches the released one).
+    vit = load_vision(vision_init, layer_norm_eps=1e-6)
+    llm = load_llama(llm_init)
+    width = vit.config.hidden_size  # keys/values concatenate the queries with the ViT tokens: same width
+    if hidden not in (None, width):
+        raise TrainError(f"--abstractor-hidden {hidden} must equal the ViT width {width}")
+    if width % heads:
+        raise TrainError(f"--abstractor-heads {heads} does not divide the width {width}")
+    abstractor = AbstractorConfig(hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers,
+                                  num_attention_heads=heads, encoder_hidden_size=width)
+    cfg = OwlConfig(vit.config, abstractor, llm.config, num_query_tokens=num_queries)
+    torch.manual_seed(seed)  # the same fresh abstractor on every rank
+    model = MplugOwl(cfg, vision_model=vit, language_model=llm)
+    model.init_abstractor()
+    return model
 
 
 def train_mode(model, stage):

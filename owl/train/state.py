@@ -5,9 +5,13 @@ no pickle, so reading one that someone shared runs no code:
   trainable.safetensors  the trained tensors, by their model names
   state.safetensors      the optimizer's state tensors ("optimizer.{i}.exp_avg", ...) and each rank's
                          torch and CUDA RNG states ("rng.{rank}.torch", "rng.{rank}.cuda.{j}")
-  state.json             the rest: the step (the data position is the step alone: batches.StepBatches),
-                         the optimizer's param groups, the grad scaler, each rank's Python and numpy RNG
+  state.json             the rest: the step (the data position of JSON data is the step alone:
+                         batches.StepBatches; of shards, each rank's stream positions: shards.py), the
+                         optimizer's param groups, the grad scaler, each rank's Python and numpy RNG
                          states (lists of ints), the run's arguments
+
+A run sharded with FSDP (fsdp.py) gathers its weights and optimizer state into this same layout, so a
+checkpoint resumes on any number of processes.
 
 read_state gives back exactly the dict torch.save used to hold. A checkpoint is written into
 checkpoint.tmp and renamed into place (owl.weights.atomic_dir); recover_checkpoint puts the newest
@@ -27,6 +31,8 @@ from safetensors.torch import save_file
 from ..image import CLIP_MEAN, CLIP_STD
 from ..lora import merge_lora, save_adapter, trainable_state
 from ..weights import CheckpointError, atomic_dir, check_keys, save_model
+from .fsdp import full_optimizer_state, full_state, load_full_state, local
+from .parallel import all_sum
 
 FORMAT = "owl-training-state/1"
 
@@ -93,6 +99,8 @@ def state_to_files(state):
                      "cuda": None if s["cuda"] is None else len(s["cuda"])})
     meta = {"format": FORMAT, "step": state["step"], "args": state["args"], "scaler": state["scaler"],
             "optimizer": {"param_groups": state["optimizer"]["param_groups"], "state": opt_values}, "rng": rngs}
+    if state.get("data") is not None:  # shards: each rank's stream positions (JSON already)
+        meta["data"] = state["data"]
     seen = set()  # safetensors refuses tensors that share memory: copy those
     for k, t in tensors.items():
         tensors[k] = t.clone() if t.untyped_storage().data_ptr() in seen else t
@@ -100,10 +108,11 @@ def state_to_files(state):
     return tensors, meta
 
 
-def files_to_state(tensors, meta):
-    """The inverse of state_to_files: the same dicts, tuples and tensors (dtypes included)."""
+def files_to_state(tensors, meta, optimizer=True):
+    """The inverse of state_to_files: the same dicts, tuples and tensors (dtypes included).
+    optimizer=False: the optimizer's tensors were not read (its state comes back None)."""
     opt = {int(i): {k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v for k, v in st.items()}
-           for i, st in meta["optimizer"]["state"].items()}
+           for i, st in meta["optimizer"]["state"].items()} if optimizer else None
     groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
               for g in meta["optimizer"]["param_groups"]]  # JSON has no tuples: betas come back as one
     rng = []
@@ -114,8 +123,9 @@ def files_to_state(tensors, meta):
                     "numpy": (name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached),
                     "torch": tensors[f"rng.{r}.torch"],
                     "cuda": None if s["cuda"] is None else [tensors[f"rng.{r}.cuda.{j}"] for j in range(s["cuda"])]})
-    return {"optimizer": {"state": opt, "param_groups": groups}, "scaler": meta["scaler"],
-            "step": meta["step"], "rng": rng, "args": meta["args"]}
+    out = {"optimizer": None if opt is None else {"state": opt, "param_groups": groups}, "scaler": meta["scaler"],
+           "step": meta["step"], "rng": rng, "args": meta["args"]}
+    return {**out, "data": meta["data"]} if "data" in meta else out
 
 
 def write_state(folder, state):
@@ -144,30 +154,33 @@ def read_meta(folder):
     return meta
 
 
-def read_tensors(file):
+def read_tensors(file, keep=None, shapes=False):
+    """{name: tensor} of a safetensors file, the names keep(name) holds (shapes: {name: shape}, the header's)."""
     try:
         with safe_open(file, framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_slice(k).get_shape() if shapes else f.get_tensor(k)
+                    for k in f.keys() if keep is None or keep(k)}
     except Exception as e:  # a truncated or garbage file
         raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
 
 
-def read_state(folder):
-    """The training state of a checkpoint folder, as save_checkpoint was given it."""
+def read_state(folder, optimizer=True):
+    """The training state of a checkpoint folder, as save_checkpoint was given it (optimizer=False:
+    without the optimizer's tensors, which FSDP's other ranks get from rank 0)."""
     meta = read_meta(folder)
-    tensors = read_tensors(os.path.join(folder, "state.safetensors"))
+    tensors = read_tensors(os.path.join(folder, "state.safetensors"),
+                           None if optimizer else (lambda k: not k.startswith("optimizer.")))
     try:
-        return files_to_state(tensors, meta)
+        return files_to_state(tensors, meta, optimizer)
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise CheckpointError(f"{folder}/state.json: the training state is incomplete ({type(e).__name__}: {e})") from None
 
 
-def save_checkpoint(ckpt_dir, model, optimizer, scaler, step, rng_states, args):
+def save_checkpoint(ckpt_dir, weights, optimizer_state, scaler, step, rng_states, args, data=None):
     """OUT/checkpoint/ (the files in the module docstring), written to a temporary directory and renamed
-    into place (owl.weights.atomic_dir)."""
-    weights = trainable_state(model)
-    state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-             "step": step, "rng": rng_states, "args": args}
+    into place (owl.weights.atomic_dir). weights: the trained tensors; optimizer_state: its state_dict()."""
+    state = {"optimizer": optimizer_state, "scaler": scaler.state_dict() if scaler else None,
+             "step": step, "rng": rng_states, "args": args, "data": data}
 
     def write(tmp):
         save_file(weights, os.path.join(tmp, "trainable.safetensors"), metadata={"format": "pt"})
@@ -175,21 +188,30 @@ def save_checkpoint(ckpt_dir, model, optimizer, scaler, step, rng_states, args):
     atomic_dir(ckpt_dir, write)
 
 
-def save_training_state(ckpt_dir, model, optimizer, scaler, step, args, world, master):
-    """Every rank calls this (the RNG states are gathered); the master writes. args: a dict. Weights
-    that are no longer finite (a diverged update) are never saved: the run stops, naming the last good save."""
-    if not all_finite([p for p in model.parameters() if p.requires_grad]):
+def save_training_state(ckpt_dir, model, optimizer, scaler, step, args, world, master, data=None,
+                        sharded=False):
+    """Every rank calls this (the RNG states and the data positions are gathered, with sharded also the
+    weights and the optimizer state: fsdp.py); the master writes. args: a dict; data: the shard dataset
+    or None. Non-finite weights (a diverged update) are never saved: the run stops, naming the last save."""
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    bad = not all_finite([local(p) for _, p in trained])  # sharded: this process's slices, then all of them
+    if (all_sum(bad, world, model.query_tokens.device) > 0) if sharded else bad:
         raise CheckpointError(f"step {step}: the update made the weights non-finite; stopped before saving them "
                               f"({last_saved(ckpt_dir)})")
-    rng = rng_state()
+    gathered = [rng_state(), None if data is None else data.state_dict()]
     if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, rng)  # between the processes, not into a file
-        rng = gathered
+        everyone = [None] * world
+        dist.all_gather_object(everyone, gathered)  # between the processes, not into a file
+        gathered = everyone
     else:
-        rng = [rng]
+        gathered = [gathered]
+    if sharded:
+        weights, opt_state = full_state(model, {n for n, _ in trained}), full_optimizer_state(model, optimizer)
+    elif master:
+        weights, opt_state = trainable_state(model), optimizer.state_dict()
     if master:
-        save_checkpoint(ckpt_dir, model, optimizer, scaler, step, rng, args)
+        save_checkpoint(ckpt_dir, weights, opt_state, scaler, step, [g[0] for g in gathered], args,
+                        data=None if data is None else [g[1] for g in gathered])
 
 
 def complete(folder):
@@ -228,9 +250,9 @@ def recover_checkpoint(ckpt_dir, log=print):
 # where it changes the result (MEANINGFUL); batch, accumulation and processes are warned about in resume.
 EXACT = ("stage", "data", "init", "vision_init", "llm_init", "num_queries", "abstractor_layers", "abstractor_hidden",
          "abstractor_heads", "abstractor_mlp", "lora_r", "lora_alpha", "lora_targets", "freeze_abstractor",
-         "max_length", "image_root", "seed", "eval_examples", "eval_every")
+         "max_length", "image_root", "seed", "eval_examples", "eval_every", "full_finetune")
 MEANINGFUL = ("lr", "min_lr", "vision_lr", "warmup_steps", "weight_decay", "grad_clip", "dropout", "lora_dropout",
-              "max_steps", "precision")
+              "max_steps", "precision", "shuffle_buffer")
 
 
 def _norm(key, v):
@@ -257,37 +279,36 @@ def check_resumed_args(was, now, source, log=print):
         log(f"warning: --resume with {', '.join(changed(MEANINGFUL))}: the run goes on, not as the first run would have")
 
 
-def load_checkpoint(ckpt_dir, model):
-    """Load the trained tensors into model (checked: exactly the trainable names) and return the state."""
-    state = read_state(ckpt_dir)
+def load_checkpoint(ckpt_dir, model, sharded_optimizer=None, rank=0):
+    """Load the trained tensors into model (every rank checks the names and shapes in the file's header)
+    and return the state. sharded_optimizer (fsdp.py): rank 0 reads weights and optimizer, sends the slices."""
+    sharded = sharded_optimizer is not None
+    state = read_state(ckpt_dir, optimizer=not sharded or rank == 0)
     wfile = os.path.join(ckpt_dir, "trainable.safetensors")
     params = dict(model.named_parameters())
-    weights = read_tensors(wfile)
+    shapes = read_tensors(wfile, shapes=True)
     try:
-        check_keys({n: p.shape for n, p in params.items() if p.requires_grad}, {k: v.shape for k, v in weights.items()},
-                   wfile)
+        check_keys({n: p.shape for n, p in params.items() if p.requires_grad}, shapes, wfile)
     except CheckpointError as e:
-        raise CheckpointError(f"{e}\n  hint: resume with the first run's --stage, --lora-*, --freeze-abstractor "
-                              f"and abstractor flags") from None
+        raise CheckpointError(f"{e}\n  hint: resume with the first run's --stage, --lora-*, --freeze-abstractor, "
+                              f"--full-finetune and abstractor flags") from None
+    weights = read_tensors(wfile) if not sharded or rank == 0 else {}
+    if sharded:
+        load_full_state(model, sharded_optimizer, weights, state["optimizer"] or {})
+        return state
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t)
     return state
 
 
-def resume(ckpt_dir, model, optimizer, scaler, *, rank, world, batch_size, grad_accum, log=print):
-    """Load OUT/checkpoint into the model and the optimizer and this rank's RNG state; returns the
-    step to continue from (train.py --resume)."""
-    state = load_checkpoint(ckpt_dir, model)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for i, st in state["optimizer"]["state"].items():
-        if i >= len(params) or any(v.dim() and v.shape != params[i].shape for v in st.values() if torch.is_tensor(v)):
-            raise CheckpointError(f"{ckpt_dir}/state.safetensors: the optimizer state does not fit this run's "
-                                  f"trainable tensors (parameter {i})")
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{ckpt_dir}/state.json: the optimizer state does not fit this run ({e})") from None
+def resume(ckpt_dir, model, optimizer, scaler, *, rank, world, batch_size, grad_accum, data=None, sharded=False,
+           log=print):
+    """Load OUT/checkpoint into the model and the optimizer, this rank's RNG state and (data: the shard
+    dataset) its data position; returns the step to continue from (train.py --resume)."""
+    state = load_checkpoint(ckpt_dir, model, optimizer if sharded else None, rank)
+    if not sharded:
+        load_optimizer(ckpt_dir, optimizer, state["optimizer"])
     if scaler and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
     was = (len(state["rng"]), state["args"]["batch_size"], state["args"]["grad_accum"])
@@ -296,8 +317,24 @@ def resume(ckpt_dir, model, optimizer, scaler, *, rank, world, batch_size, grad_
     else:  # it continues, but not exactly as the first run would have
         log(f"warning: (processes, batch, accumulation) were {was}, now {(world, batch_size, grad_accum)}: "
             f"the data order and RNG streams differ from an uninterrupted run")
+    saved = state.get("data") or []
+    if data is not None and (rank >= len(saved) or not data.load_state_dict(saved[rank])):
+        log("warning: the shard streams' positions were saved for other processes, workers, seed, shards or "
+            "--shuffle-buffer: the shards are read from the start")
     log(f"resumed from {ckpt_dir} at step {state['step']}")
     return state["step"]
+
+
+def load_optimizer(ckpt_dir, optimizer, saved):
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, st in saved["state"].items():
+        if i >= len(params) or any(v.dim() and v.shape != params[i].shape for v in st.values() if torch.is_tensor(v)):
+            raise CheckpointError(f"{ckpt_dir}/state.safetensors: the optimizer state does not fit this run's "
+                                  f"trainable tensors (parameter {i})")
+    try:
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{ckpt_dir}/state.json: the optimizer state does not fit this run ({e})") from None
 
 
 def last_saved(ckpt_dir):
