@@ -98,8 +98,8 @@ def parse_args(argv):
     need = {"--batch-size >= 1": args.batch_size >= 1, "--grad-accum >= 1": args.grad_accum >= 1,
             "--max-steps, --save-every, --eval-every >= 0": min(args.max_steps, args.save_every, args.eval_every) >= 0,
             "0 <= --seed < 2**63": 0 <= args.seed < 2**63, "--num-queries, --abstractor-*, --lora-r >= 1": min(sizes) > 0,
-            "--shuffle-buffer >= 1": args.shuffle_buffer >= 1, "--full-finetune with --stage 2":
-            not args.full_finetune or args.stage == 2}
+            "--shuffle-buffer >= 1": args.shuffle_buffer >= 1, "--full-finetune with --stage 2 (not 1)":
+            not (args.full_finetune and args.stage == 1)}
     if not all(need.values()):  # one line, before anything is read
         raise TrainError(f"need {'; '.join(k for k, ok in need.items() if not ok)} (train.py --help lists the options)")
     args.lr = args.lr if args.lr is not None else (1e-4 if args.stage == 1 else 2e-5)
