@@ -13,12 +13,12 @@ from .config import OwlConfig, VisionConfig, AbstractorConfig, LlamaConfig, PRES
 from .model import MplugOwl
 from .tokenizer import Tokenizer, build_prompt, SYSTEM, IMAGE
 from .image import preprocess_image, load_image, ImageError
-from .generate import generate
+from .generate import generate, score_choices
 from .weights import load_model, load_vision, load_llama, load_tokenizer, save_model, CheckpointError
 
 __all__ = ["OwlConfig", "VisionConfig", "AbstractorConfig", "LlamaConfig", "PRESETS", "preset", "MplugOwl",
            "Tokenizer", "build_prompt", "SYSTEM", "IMAGE", "preprocess_image", "load_image", "ImageError",
-           "generate", "load_model", "load_vision", "load_llama", "load_tokenizer", "save_model",
+           "generate", "score_choices", "load_model", "load_vision", "load_llama", "load_tokenizer", "save_model",
            "apply_adapter", "CheckpointError", "LoRALinear", "apply_lora", "merge_lora"]
 
 

@@ -1,7 +1,8 @@
 """Generation as small named functions around an explicit KV cache (gpt-fast):
 `sample` picks the next token, `prefill` runs the prompt (images spliced in) through the model,
 `decode_one_token` runs one new token, `generate_tokens` loops until EOS, and `generate` is the
-public entry point that takes prompts in the official template and PIL images.
+public entry point that takes prompts in the official template and PIL images. score_choices scores
+given continuations (multiple choice) with the same prefill and KV cache.
 
 Stopping follows the official model (HF generate): a row ends at EOS, which is returned with it.
 Several prompts generate as one batch with left padding; each row keeps its own positions, so
@@ -15,6 +16,7 @@ import functools
 import torch
 
 from .image import preprocess_image
+from .tokenizer import IMAGE
 
 
 def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):  # logits (B, vocab)
@@ -162,3 +164,58 @@ def generate(model, tokenizer, prompt, images=(), max_new_tokens=128, temperatur
     finally:
         llm.reset_caches()
     return out[0] if single else out
+
+
+def common_prefix(a, b):
+    """The length of the longest common prefix of two id lists."""
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    return k
+
+
+@torch.inference_mode()
+def score_choices(model, tokenizer, prompt, choices, images=(), normalize="sum", image_embeds=None):
+    """The log-likelihood of each choice after the prompt (multiple choice scored as lmms-eval does):
+    with full = encode_prompt(prompt + choice) and head = encode_prompt(prompt), the scored tokens are
+    full[k:], k the length of their common prefix. (The template's "AI: " ends in a lone "▁" that
+    merges with the choice's first word, "▁It": the last prompt token is then part of the choice.)
+    normalize="mean" divides each sum by its number of tokens. The images are encoded once (or their
+    image_embeds given), the prefix the choices share runs once in row 0 of the KV cache and is copied
+    to the others, and the rest of every choice runs as one right-padded batch. [float] per choice."""
+    if normalize not in ("sum", "mean"):
+        raise ValueError(f"normalize must be 'sum' or 'mean', not {normalize!r}")
+    if images and image_embeds is not None:
+        raise ValueError("give the images or their image_embeds, not both")
+    if not choices or any(IMAGE in c for c in choices):
+        raise ValueError(f"give at least one choice, none with {IMAGE}")
+    head = tokenizer.encode_prompt(prompt)
+    fulls = [tokenizer.encode_prompt(prompt + c) for c in choices]
+    starts = [common_prefix(head, f) for f in fulls]  # the first scored position of each choice
+    for c, f, k in zip(choices, fulls, starts):
+        if k == len(f):
+            raise ValueError(f"the choice {c!r} adds no token to the prompt")
+    n, P = len(fulls), min(starts)  # P >= 1: BOS is always shared
+    T, ctx = max(map(len, fulls)) - P, model.config.text_config.max_position_embeddings
+    if P + T > ctx:
+        raise ValueError(f"prompt and choice are {P + T} tokens long; the model's context is {ctx} tokens")
+    device = model.query_tokens.device
+    embeds = visual_tokens(model, list(images)) if images else image_embeds
+    llm = model.language_model
+    caches = llm.setup_caches(n, P + T)
+    try:
+        last = prefill(model, torch.tensor([fulls[0][:P]], device=device), embeds)  # (1, vocab): predicts slot P
+        for cache in caches:  # the shared prefix, from row 0 into every row
+            cache.k[1:n, :, :P] = cache.k[:1, :, :P]
+            cache.v[1:n, :, :P] = cache.v[:1, :, :P]
+        tails = torch.tensor([f[P:] + [0] * (P + T - len(f)) for f in fulls], device=device)  # (n, T)
+        logits = llm(tails, start_pos=P)  # (n, T, vocab): slot P + t predicts slot P + t + 1
+    finally:
+        llm.reset_caches()
+    logp = torch.cat([last[:, None].expand(n, 1, -1), logits[:, :-1]], dim=1).float().log_softmax(-1)  # (n, T, V)
+    scores = []  # row t of logp predicts the token at slot P + t
+    for i, (f, k) in enumerate(zip(fulls, starts)):
+        target = torch.tensor(f[k:], device=device)[:, None]  # (len(f) - k, 1)
+        s = logp[i, k - P:len(f) - P].gather(-1, target).sum().item()
+        scores.append(s / (len(f) - k) if normalize == "mean" else s)
+    return scores

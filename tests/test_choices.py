@@ -1,5 +1,7 @@
-"""owl/chat/choices.py on small files the tests write: the JSONL and MMBench-TSV readers (options as a
-list or an object, answers as keys or texts, base64 images, shared images, CircularEval copies, bad
+"""Multiple choice. owl.score_choices against a teacher-forced recomputation with MplugOwl.forward on the
+reference checkpoint (choices that merge across the prompt's "AI: " boundary too), batched == one by
+one. owl/chat/choices.py on small files the tests write: the JSONL and MMBench-TSV readers (options as
+a list or an object, answers as keys or texts, base64 images, shared images, CircularEval copies, bad
 input named), MMBench's prompt, and --circular's rule (every rotation right) against scorers whose
 behaviour is known: one that reads the options, one that always picks the first."""
 import base64
@@ -9,10 +11,56 @@ import json
 import re
 
 import pytest
+import torch
 from PIL import Image
 
 import owl
+from owl.generate import visual_tokens
+from tests.conftest import REF
 from owl.chat.choices import ChoicesError, accuracy, evaluate, load_images, prompt_and_choices, read_questions
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+IMG = f"{REF}/images/public_0.jpg"
+
+
+# ----------------------------------------------------------------------------- owl.score_choices
+
+def teacher_forced(model, tok, prompt, choice, images, normalize="sum"):
+    """The choice's log-likelihood from one MplugOwl.forward over prompt + choice (no cache)."""
+    full, head = tok.encode_prompt(prompt + choice), tok.encode_prompt(prompt)
+    k = next(i for i in range(len(full)) if i >= len(head) or full[i] != head[i])
+    px = torch.stack([owl.preprocess_image(im, 56) for im in images]) if images else None
+    with torch.no_grad():
+        logp = model(torch.tensor([full]), px)[0].float().log_softmax(-1)  # (T, vocab)
+    s = sum(logp[i - 1, full[i]].item() for i in range(k, len(full)))
+    return s / (len(full) - k) if normalize == "mean" else s
+
+
+CHOICES = ["It is a cat.", "cat", "A dog on a red sofa, sleeping", "  two spaces", "1234", "\nno"]
+
+
+@pytest.mark.parametrize("images", [1, 0])
+def test_score_choices_equals_teacher_forcing_and_batched_equals_one_by_one(owl_model, images):
+    model, tok = owl_model
+    ims = [owl.load_image(IMG)] * images
+    prompt = owl.build_prompt([(images, "What is in the picture?", None)])
+    head = tok.encode_prompt(prompt)
+    merged = [c for c in CHOICES if tok.encode_prompt(prompt + c)[:len(head)] != head]
+    assert len(merged) >= 3  # the template's trailing space merges into these: the last prompt token is rescored
+    for normalize in ("sum", "mean"):
+        got = owl.score_choices(model, tok, prompt, CHOICES, ims, normalize=normalize)
+        want = [teacher_forced(model, tok, prompt, c, ims, normalize) for c in CHOICES]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=0)
+        alone = [owl.score_choices(model, tok, prompt, [c], ims, normalize=normalize)[0] for c in CHOICES]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(alone), atol=1e-5, rtol=0)
+    assert len(set(got)) == len(got)  # distinct scores: the rows were not mixed up
+    if images:  # visual tokens computed beforehand give the same
+        embeds = visual_tokens(model, ims)
+        assert owl.score_choices(model, tok, prompt, CHOICES, image_embeds=embeds, normalize="mean") == got
+    for bad, msg in [([""], "adds no token"), (["<image>"], "none with <image>"), ([], "at least one")]:
+        with pytest.raises(ValueError, match=msg):
+            owl.score_choices(model, tok, prompt, bad, ims)
 
 
 def png_b64(colour):
