@@ -4,6 +4,7 @@ images, scene text), answer one prompt for a script, or run the OwlEval question
     python chat.py --checkpoint DIR                                  # interactive
     python chat.py --checkpoint DIR --image a.jpg --prompt "What is funny here?"
     python chat.py --checkpoint DIR --owleval OWLEVAL_DIR --out answers.jsonl [--html report.html]
+    python chat.py --checkpoint DIR --multiple-choice mmbench.tsv --out preds.jsonl [--list-options --circular]
 
 The conversation follows the official template; the KV cache is kept between turns, so a new turn
 runs only its new tokens (owl/chat/session.py). Sampling is greedy unless --temperature > 0.
@@ -19,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 import owl
-from owl.chat import owleval
+from owl.chat import choices, owleval
+from owl.chat.choices import ChoicesError
 from owl.chat.owleval import OwlEvalError
 from owl.chat.session import ChatError, ChatSession, format_stats
 from owl.lora import adapter_files, check_adapter_base, read_adapter_meta
@@ -68,7 +70,15 @@ def parse_args(argv=None):
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image for the prompt (repeatable; interactive: attached to the first question)")
     p.add_argument("--owleval", metavar="DIR", help="answer the OwlEval questions in DIR")
-    p.add_argument("--out", metavar="FILE", help="with --owleval: the answers, one JSON line per question")
+    p.add_argument("--multiple-choice", metavar="FILE", help="score the options of each question in a .jsonl or "
+                   "MMBench .tsv (owl/chat/choices.py)")
+    p.add_argument("--list-options", action="store_true", help="with --multiple-choice: MMBench's prompt, the "
+                   "lettered options in it; the letters are scored")
+    p.add_argument("--circular", action="store_true", help="with --list-options: MMBench's CircularEval (every "
+                   "rotation of the options right)")
+    p.add_argument("--normalize", choices=["sum", "mean"], default="sum", help="with --multiple-choice: a choice's "
+                   "log-likelihood summed or per token")
+    p.add_argument("--out", metavar="FILE", help="with --owleval or --multiple-choice: one JSON line per question")
     p.add_argument("--html", metavar="FILE", help="with --owleval: a rating page with our and the other models' answers")
     p.add_argument("--model-id", help="with --owleval: the model_id written (default: the checkpoint's name)")
     a = p.parse_args(argv)
@@ -78,8 +88,14 @@ def parse_args(argv=None):
         p.error("--owleval takes no --prompt, --raw-prompt or --image")
     if a.owleval and not a.out:
         p.error("--owleval needs --out FILE")
-    if (a.out or a.html or a.model_id) and not a.owleval:
-        p.error("--out, --html and --model-id go with --owleval")
+    if a.multiple_choice and (a.owleval or a.prompt is not None or a.raw_prompt is not None or a.image or not a.out):
+        p.error("--multiple-choice needs --out FILE and takes no --owleval, --prompt, --raw-prompt or --image")
+    if (a.list_options or a.circular or a.normalize != "sum") and not a.multiple_choice:
+        p.error("--list-options, --circular and --normalize go with --multiple-choice")
+    if a.circular and not a.list_options:
+        p.error("--circular needs --list-options: without the options in the prompt their order changes nothing")
+    if (a.out and not (a.owleval or a.multiple_choice)) or ((a.html or a.model_id) and not a.owleval):
+        p.error("--out goes with --owleval or --multiple-choice; --html and --model-id with --owleval")
     if a.max_new_tokens < 1 or not 0 <= a.temperature < math.inf or a.top_k < 0 or not 0 < a.top_p <= 1:
         p.error("need --max-new-tokens >= 1, a finite --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1")
     if a.seed is not None and not 0 <= a.seed < 2**64:
@@ -279,6 +295,17 @@ def run_owleval(session, args, plan):
     return 0
 
 
+def run_choices(model, tok, args, plan):
+    questions, notes = plan
+    print("".join(n + "\n" for n in notes), end="", file=sys.stderr)  # (CircularEval copies skipped)
+    with tqdm(total=len(questions), desc="multiple choice", unit="question", file=sys.stderr) as bar:
+        records = choices.run(model, tok, questions, args.out, circular=args.circular, list_options=args.list_options,
+                              normalize=args.normalize, progress=bar.update)
+    print(f"wrote {len(records)} predictions to {args.out}", file=sys.stderr)
+    print(choices.summary(records, circular=args.circular, source=args.multiple_choice))
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
     if (sys.stdout.encoding or "").lower().replace("-", "") != "utf8":
@@ -289,6 +316,9 @@ def main(argv=None):
         if not os.path.isdir(args.checkpoint):  # (owl.load_model checks the rest before reading weights)
             raise UsageError(f"--checkpoint {args.checkpoint}: no such directory")
         plan = owleval_plan(args) if args.owleval else None  # checked before spending time on loading
+        if args.multiple_choice:
+            plan = choices.read_questions(args.multiple_choice)
+            owleval.check_writable(args.out)
         if args.adapter:  # fail before loading the model, too
             adapter_files(args.adapter)
             read_adapter_meta(args.adapter) if args.ignore_adapter_base else check_adapter_base(args.adapter, args.checkpoint)
@@ -303,10 +333,12 @@ def main(argv=None):
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, compile=args.compile)
         if args.owleval:
             return run_owleval(session, args, plan)
+        if args.multiple_choice:
+            return run_choices(model, tok, args, plan)
         if args.prompt is not None or args.raw_prompt is not None:
             return one_shot(session, args, images)
         return interactive(session, args, images)
-    except (owl.CheckpointError, owl.ImageError, OwlEvalError, ChatError, UsageError, OSError) as e:
+    except (owl.CheckpointError, owl.ImageError, OwlEvalError, ChoicesError, ChatError, UsageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -182,3 +182,37 @@ def test_circular_counts_a_question_right_only_if_every_rotation_is(tmp_path):
     assert accuracy(biased) == (0, 2) and biased[0]["rotations"] == ["A", "B", "C"]
     with pytest.raises(ChoicesError, match="--circular needs --list-options"):
         evaluate(qs, first_option, circular=True)
+
+
+# ----------------------------------------------------------------------------- chat.py --multiple-choice
+
+def test_chat_multiple_choice_writes_predictions_and_accuracy(owl_model, tmp_path, capsys):
+    from tests.test_chat import one_line_error, run_main
+    model, tok = owl_model
+    f = write_jsonl(tmp_path / "q.jsonl", [
+        {"id": "q1", "image": IMG, "question": "What is it?", "options": ["a cat", "a dog", "a car"], "answer": "A"},
+        {"id": "q2", "image": IMG, "question": "Is it red?", "options": {"Y": "yes", "N": "no"}, "answer": "no"},
+        {"id": "q3", "question": "Two plus two?", "options": ["4", "5"], "hint": "Count."}])
+    out = tmp_path / "preds.jsonl"
+    r = run_main(capsys, "--multiple-choice", f, "--out", str(out), "--list-options", "--circular")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(l) for l in open(out)]
+    assert [x["id"] for x in recs] == ["q1", "q2", "q3"] and [x["answer"] for x in recs] == ["A", "N", None]
+    qs, _ = read_questions(f)
+    for q, rec in zip(qs, recs):  # the file holds what owl.score_choices gives for the first ordering
+        prompt, letters = prompt_and_choices(q, q.options, len(q.images), list_options=True)
+        want = owl.score_choices(model, tok, prompt, letters, load_images(q))
+        assert list(rec["scores"]) == list(q.options) and list(rec["scores"].values()) == pytest.approx(want, abs=1e-5)
+        assert rec["prediction"] == rec["rotations"][0] == max(rec["scores"], key=rec["scores"].get)
+        assert len(rec["rotations"]) == len(q.options)
+        assert rec["correct"] == (None if q.answer is None else all(p == q.answer for p in rec["rotations"]))
+    right = sum(bool(x["correct"]) for x in recs)
+    assert r.stdout.strip().splitlines()[-1] == f"CircularEval accuracy: {50 * right:.2f}% ({right} of 2)"
+    # an MMBench TSV, the options' texts scored per token
+    tsv = write_tsv(tmp_path / "mmb.tsv", [{"index": i, "question": "Colour?", "A": "red", "B": "blue", "answer": "B",
+                                             "image": png_b64("blue")} for i in range(2)])
+    r = run_main(capsys, "--multiple-choice", tsv, "--out", str(out), "--normalize", "mean")
+    assert r.returncode == 0 and "accuracy: " in r.stdout and len(open(out).readlines()) == 2
+    one_line_error(run_main(capsys, "--multiple-choice", f, "--out", str(out), "--circular"), "--circular needs --list-options")
+    one_line_error(run_main(capsys, "--multiple-choice", str(tmp_path / "gone.jsonl"), "--out", str(out)), "no such file")
+    one_line_error(run_main(capsys, "--multiple-choice", f), "--multiple-choice needs --out FILE")

@@ -29,8 +29,10 @@ import os
 import string
 from dataclasses import dataclass, field
 
+from ..generate import score_choices, visual_tokens
 from ..image import ImageError, decode_image, load_image
 from ..tokenizer import build_prompt
+from .owleval import write_jsonl
 
 CIRCULAR_COPY = 1_000_000  # VLMEvalKit's circular TSVs: the k-th rotation of row i has index i + k * 1e6
 MMBENCH_ASK = "Please select the correct answer from the options above."
@@ -186,6 +188,19 @@ def prompt_and_choices(q, options, n_images, list_options):
     return build_prompt([(n_images, text, None)]), choices
 
 
+def model_scorer(model, tokenizer, normalize="sum"):
+    """score(prompt, choices, images) for evaluate: owl.score_choices, the visual tokens of a question's
+    images computed once for all its rotations (evaluate passes the same list each time)."""
+    last = {}
+
+    def score(prompt, choices, images):
+        if images and last.get("images") is not images:
+            last.update(images=images, embeds=visual_tokens(model, images))
+        return score_choices(model, tokenizer, prompt, choices, normalize=normalize,
+                             image_embeds=last["embeds"] if images else None)
+    return score
+
+
 def evaluate(questions, score, *, circular=False, list_options=False, progress=None):
     """One record per question: id, scores ({key: log-likelihood}, the file's order), prediction (a
     key), answer, correct (None without an answer); with circular also "rotations", the prediction of
@@ -202,7 +217,10 @@ def evaluate(questions, score, *, circular=False, list_options=False, progress=N
             order = [(i + r) % len(keys) for i in range(len(keys))]  # position i shows option order[i]
             prompt, choices = prompt_and_choices(q, dict(zip(keys, (texts[j] for j in order))), len(images),
                                                  list_options)
-            s = [float(x) for x in score(prompt, choices, images)]
+            try:
+                s = [float(x) for x in score(prompt, choices, images)]
+            except ValueError as e:  # e.g. longer than the model's context
+                raise ChoicesError(f"{q.where}: {e}") from None
             best = max(range(len(s)), key=s.__getitem__)
             predictions.append(keys[order[best]])
             first = s if first is None else first
@@ -220,3 +238,20 @@ def accuracy(records):
     """(right, answered): over the questions that have an answer."""
     answered = [r for r in records if r["correct"] is not None]
     return sum(r["correct"] for r in answered), len(answered)
+
+
+def summary(records, circular=False, source="the file"):
+    """The line chat.py prints: the accuracy, or that there are no answers."""
+    right, answered = accuracy(records)
+    if not answered:
+        return f"{source} has no answers: predictions only"
+    return f"{'CircularEval accuracy' if circular else 'accuracy'}: {100 * right / answered:.2f}% ({right} of {answered})"
+
+
+def run(model, tokenizer, questions, out, *, circular=False, list_options=False, normalize="sum", progress=None):
+    """chat.py --multiple-choice: evaluate every question with the model, the records written to `out`
+    (JSONL, whole or not at all)."""
+    records = evaluate(questions, model_scorer(model, tokenizer, normalize), circular=circular,
+                       list_options=list_options, progress=progress)
+    write_jsonl(records, out)
+    return records
