@@ -11,7 +11,8 @@ shape arithmetic that follows what this code keeps alive (read the formulas next
           kv heads x head dim) + the largest prefill temporary (a whole-context prompt at once).
   stage1  ViT + abstractor + queries train; the LLM is frozen in --dtype but backpropagated through
   stage2  LoRA on q/v + the abstractor train (train.py's default); ViT and LLM frozen
-  full    the whole LLM + abstractor + queries train, ViT frozen (train.py has no such stage: a reference)
+  full    the whole LLM + abstractor + queries train, ViT frozen (train.py --stage 2 --full-finetune);
+          --shards N: per process of N under FSDP2 (owl/train/fsdp.py, fsdp_terms below)
 
 Training matches train.py: frozen weights in the compute dtype, trainable ones fp32 with fp32
 gradients and AdamW's two fp32 moments (owl/train/stages.py cast_frozen), bf16 through autocast,
@@ -148,7 +149,25 @@ def training(cfg, task, D, T, B, ckpt, device, lora_targets, lora_dropout, n):
     # the per-tensor path (CPU) one of a tensor's.
     opt_tmp = 4 * (n["decay"] if device == "cuda" else n["largest"])
     return {"activations": llm + vis + copies, "loss_temporaries": max(loss_fwd, loss_bwd),
-            "adamw_temporaries": opt_tmp}
+            "adamw_temporaries": opt_tmp, "copies": copies}
+
+
+def fsdp_terms(cfg, D, n, shards):
+    """Per process, full fine-tuning under FSDP2 with `shards` processes (owl/train/fsdp.py): a slice of
+    every weight, gradient and Adam moment, plus what is whole for a moment. Units: the root (embeddings,
+    lm_head, final norm, abstractor, queries: gathered for the whole step), each LLaMA block and the ViT
+    (gathered in D for their forward and backward; two blocks at once, the next one prefetched); a
+    unit's unsharded gradients in D, and in fp32 for the reduce-scatter when D < 4 (the root's live
+    through the backward). The gathered weights are already in D, so autocast copies none."""
+    with torch.device("meta"):
+        model = MplugOwl(cfg)
+    size = lambda m: sum(p.numel() for p in m.parameters())
+    block, vit = size(model.language_model.model.layers[0]), size(model.vision_model)
+    root = size(model) - vit - block * cfg.text_config.num_hidden_layers
+    grad = D + (4 if D < 4 else 0)
+    return {"weights": (D * n["frozen"] + 4 * n["trainable"]) // shards + D * (root + max(vit, 2 * block)),
+            "gradients": 4 * n["trainable"] // shards + grad * (root + block), "root_gradients": D * root,
+            "optimizer_state": 8 * n["trainable"] // shards}
 
 
 def chat_activations(cfg, D, T, L, B):
@@ -162,8 +181,9 @@ def chat_activations(cfg, D, T, L, B):
 
 
 def estimate(cfg, task="chat", dtype="bf16", context=2048, batch=1, grad_checkpointing=False, device="cuda",
-             lora_r=8, lora_targets=("q_proj", "v_proj"), lora_dropout=0.05):
-    """{term: bytes} for one task, and "total": the peak (see the module docstring)."""
+             lora_r=8, lora_targets=("q_proj", "v_proj"), lora_dropout=0.05, shards=1):
+    """{term: bytes} for one task, and "total": the peak (see the module docstring). shards > 1: the
+    full task per process under FSDP2 (fsdp_terms)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     D, n = BYTES[dtype], param_counts(cfg, task, lora_r, lora_targets)
@@ -182,8 +202,14 @@ def estimate(cfg, task="chat", dtype="bf16", context=2048, batch=1, grad_checkpo
     out["gradients"] = 4 * n["trainable"]
     out["optimizer_state"] = 2 * 4 * n["trainable"]  # exp_avg, exp_avg_sq
     out["loss_temporaries"], out["adamw_temporaries"] = t["loss_temporaries"], t["adamw_temporaries"]
-    out["total"] = (out["weights"] + out["optimizer_state"] + max(t["activations"] + t["loss_temporaries"],
-                                                                  out["gradients"] + t["adamw_temporaries"]))
+    held = 0  # what the backward holds beside the activations (FSDP: the root's unsharded gradients)
+    if task == "full" and shards > 1:
+        f = fsdp_terms(cfg, D, n, shards)
+        out.update(weights=f["weights"], gradients=f["gradients"], optimizer_state=f["optimizer_state"],
+                   activations=t["activations"] - t["copies"], adamw_temporaries=t["adamw_temporaries"] // shards)
+        held = f["root_gradients"]
+    out["total"] = (out["weights"] + out["optimizer_state"] + max(out["activations"] + out["loss_temporaries"] + held,
+                                                                  out["gradients"] + out["adamw_temporaries"]))
     out["trainable_params"], out["frozen_params"] = n["trainable"], n["frozen"]
     return out
 
@@ -222,7 +248,10 @@ def main(argv=None):
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="AdamW's temporaries differ (foreach)")
     p.add_argument("--fits", action="store_true", help="every task: which 16/24/40/80 GB cards hold it")
+    p.add_argument("--shards", type=int, default=1, help="--task full: per process of N under FSDP2")
     a = p.parse_args(argv)
+    if a.shards < 1 or (a.shards > 1 and a.task != "full"):
+        p.error("--shards N >= 1 goes with --task full")
     try:
         cfg = load_cfg(a.model)
     except (ValueError, OSError) as e:
@@ -231,7 +260,8 @@ def main(argv=None):
     kw = dict(dtype=a.dtype, context=a.context, batch=a.batch, grad_checkpointing=a.grad_checkpointing,
               device=a.device)
     print(f"{a.model}: {a.dtype}, context {a.context}, batch {a.batch}"
-          f"{', gradient checkpointing' if a.grad_checkpointing else ''}")
+          f"{', gradient checkpointing' if a.grad_checkpointing else ''}"
+          f"{f', FSDP over {a.shards} processes (per process)' if a.shards > 1 else ''}")
     if a.fits:
         print(f"{'task':<8} {'total GB':>9}  " + "  ".join(f"{g:>3} GB" for g in CARDS_GB))
         for task in TASKS:
@@ -241,7 +271,7 @@ def main(argv=None):
         print(f"(a card holds a task when the total plus {CARD_SLACK_GB:.0f} GB for the CUDA context fits)")
         return 0
     print(f"task: {a.task}")
-    print(report(estimate(cfg, a.task, **kw), a.task))
+    print(report(estimate(cfg, a.task, shards=a.shards, **kw), a.task))
     return 0
 
 

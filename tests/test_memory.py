@@ -124,6 +124,8 @@ def test_trainable_sets_follow_train_stages():
         assert want == {n for n, _ in model.named_parameters() if trains(n, f"stage{stage}")}
         assert param_counts(owl.preset("tiny"), f"stage{stage}")["trainable"] == sum(
             p.numel() for p in model.parameters() if p.requires_grad)
+    model = owl.MplugOwl(owl.preset("tiny"))  # and train.py --full-finetune's
+    assert set(set_trainable(model, 2, full=True)) == {n for n, _ in model.named_parameters() if trains(n, "full")}
 
 
 def test_owl_7b_numbers_and_cli(capsys):
@@ -141,3 +143,21 @@ def test_owl_7b_numbers_and_cli(capsys):
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
     assert set(TASKS) <= set(rows) and rows["chat"][2:] == ["yes"] * 4 and rows["full"][2:] == ["no"] * 4
     assert main(["no-such-preset"]) == 1
+
+
+def test_full_finetune_per_process_under_fsdp(capsys):
+    """--shards N (train.py --full-finetune under torchrun): the persistent state divides by N; the
+    units gathered whole for a moment and the activations do not."""
+    cfg = owl.preset("owl-7b")
+    one = estimate(cfg, "full", context=2048, batch=4, grad_checkpointing=True)
+    eight = estimate(cfg, "full", context=2048, batch=4, grad_checkpointing=True, shards=8)
+    n = one["trainable_params"]
+    assert eight["optimizer_state"] == one["optimizer_state"] // 8 == 8 * n // 8
+    assert one["weights"] // 8 < eight["weights"] < one["weights"] // 8 + 2 * 2 * 10 ** 9  # + the root and 2 blocks, bf16
+    assert eight["activations"] < one["activations"] and 15 < eight["total"] / 2 ** 30 < 25 < 127 < one["total"] / 2 ** 30
+    assert estimate(cfg, "full", shards=16)["total"] < estimate(cfg, "full", shards=8)["total"]
+    assert main(["owl-7b", "--task", "full", "--batch", "4", "--grad-checkpointing", "--shards", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "FSDP over 8 processes" in out and out.strip().endswith(f"total_gb: {eight['total'] / 2 ** 30:.2f}")
+    with pytest.raises(SystemExit):
+        main(["owl-7b", "--task", "chat", "--shards", "8"])
