@@ -40,6 +40,15 @@ def tiny_batch(seed=1):
     return ids, px
 
 
+def noise_images(folder, n=6):
+    """n small PNGs of noise, 0.png .. (n-1).png, of different heights (the training tests' images)."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (30 + 4 * i, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread: on a small shared CPU two OpenMP threads spin against other work and a
@@ -82,6 +91,19 @@ def run_script(capsys, path, *args):
         sys.argv = old
     out, err = capsys.readouterr()
     return SimpleNamespace(returncode=rc or 0, stdout=out, stderr=err)
+
+
+def call_main(capsys, main, *args):
+    """A command's main(argv) in this process: (exit code, stdout, stderr), sys.exit("error: ...")
+    counted as Python counts it (the text on stderr, exit code 1)."""
+    from types import SimpleNamespace
+    try:
+        main([str(a) for a in args])
+        rc = 0
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else print(e.code, file=sys.stderr) or 1
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=rc, stdout=out, stderr=err)
 
 
 def one_line(r, *words):

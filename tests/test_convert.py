@@ -4,13 +4,12 @@ import os
 import shutil
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file
 
 import owl
-from tests.conftest import ROOT, one_line
+from tests.conftest import ROOT, call_main, one_line
 
 
 def make_release(ref, d):
@@ -75,13 +74,7 @@ def test_convert_checks_keys_against_config(ref, tmp_path):
 def convert_main(capsys, *args):
     """python -m owl.convert's main in this process: (exit code, stdout, stderr)."""
     from owl.convert import main
-    try:
-        main([str(a) for a in args])
-        rc = 0
-    except SystemExit as e:
-        rc = e.code if isinstance(e.code, int) else print(e.code, file=sys.stderr) or 1
-    out, err = capsys.readouterr()
-    return SimpleNamespace(returncode=rc, stdout=out, stderr=err)
+    return call_main(capsys, main, *args)
 
 
 def test_convert_never_replaces_what_it_did_not_write(ref, tmp_path, capsys):

@@ -12,15 +12,13 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 import train
 from owl.train.state import read_meta
-from tests.conftest import REF, ROOT, one_line, run_script
+from tests.conftest import REF, ROOT, noise_images, one_line, run_script
 
 CLIP, LLAMA = (os.path.join(REF, d) for d in ("hf_clip", "hf_llama"))
 TRAIN = os.path.join(ROOT, "train.py")
@@ -32,9 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def data(tmp_path_factory):
     """9 captions, one of them with an unreadable image (replaced deterministically at read time)."""
     d = tmp_path_factory.mktemp("faults_data")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (30 + 4 * i, 40, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    noise_images(d)
     (d / "corrupt.png").write_bytes(b"\x89PNG not really")
     recs = [{"image": f"{i % 6}.png", "caption": f"picture {i} of noise"} for i in range(8)]
     recs.insert(4, {"image": "corrupt.png", "caption": "never read"})

@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -14,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import owl
 from owl.lora import (LoRALinear, apply_lora, lora_state_dict, main, mark_only_lora_as_trainable, merge_lora,
                       save_adapter)
-from tests.conftest import REF, ROOT, one_line, tiny_batch, tiny_model
+from tests.conftest import REF, ROOT, call_main, one_line, tiny_batch, tiny_model
 
 
 def test_lora_zero_B_equals_base_and_merge_equals_unmerged():
@@ -106,13 +105,7 @@ def merged_here(base, adapter):
 
 
 def lora_main(capsys, *args):
-    try:
-        main([str(a) for a in args])
-        rc = 0
-    except SystemExit as e:
-        rc = e.code if isinstance(e.code, int) else print(e.code, file=sys.stderr) or 1
-    out, err = capsys.readouterr()
-    return SimpleNamespace(returncode=rc, stdout=out, stderr=err)
+    return call_main(capsys, main, *args)
 
 
 def test_merge_cli_runs_as_documented(tmp_path):

@@ -19,7 +19,7 @@ from owl.model import lm_loss_sum
 from owl.train.batches import OwlDataset, collate
 from owl.train.data import DataError, load_examples
 from owl.train.state import read_state, write_state
-from tests.conftest import REF, ROOT
+from tests.conftest import REF, ROOT, noise_images, one_line, run_script
 
 OWL, CLIP, LLAMA = (os.path.join(REF, d) for d in ("mplug_owl", "hf_clip", "hf_llama"))
 S = owl.SYSTEM
@@ -30,9 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def data(tmp_path_factory):
     """Small images; captions; official SFT (multi-turn, 1-2 images); Alpaca (text only)."""
     d = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (30 + 4 * i, 40, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    noise_images(d)
     with open(d / "caps.jsonl", "w") as f:
         for i in range(8):
             f.write(json.dumps({"image": f"{i % 6}.png", "caption": f"picture {i} of noise"}) + "\n")
@@ -279,7 +277,6 @@ def test_stage1_skips_text_only_examples_and_says_so(data, tmp_path, capsys):
     """Report 5.12 (stage 1 on text-only data: a traceback after loading both models), 5.13 / B5
     (captions + Alpaca at batch 1: a crash at step 2): text-only examples are skipped and counted
     (in the start-up report and --check-data)."""
-    from tests.conftest import one_line, run_script
     args = stage1_args(data, tmp_path / "mixed", "--batch-size", "1", "--max-steps", "6")
     args[args.index("--data") + 1] = f"{data}/caps.jsonl,{data}/alpaca.json"
     assert train.main(args) == str(tmp_path / "mixed")
@@ -318,7 +315,6 @@ def test_unreadable_images_at_batch_size_1_are_replaced(data, tmp_path, capsys):
         (tmp_path / "all_bad" / f"{i}.png").write_bytes(b"")
     (tmp_path / "all_bad" / "caps.jsonl").write_text("".join(json.dumps({"image": f"{i}.png", "caption": "c"}) + "\n"
                                                              for i in range(9)))
-    from tests.conftest import one_line, run_script
     args = stage1_args(data, tmp_path / "o", "--batch-size", "1", "--max-bad-fraction", "1")
     args[args.index("--data") + 1] = str(tmp_path / "all_bad" / "caps.jsonl")
     one_line(run_script(capsys, os.path.join(ROOT, "train.py"), *args), "step 1: 8 examples in a row have unreadable images")
@@ -327,7 +323,6 @@ def test_unreadable_images_at_batch_size_1_are_replaced(data, tmp_path, capsys):
 def test_bad_flags_are_one_line(data, tmp_path, capsys):
     """Report 5.16 (--batch-size 0: a traceback), 5.17 (--grad-accum 0: an untrained model, exit 0),
     and --seed beyond a 64-bit generator."""
-    from tests.conftest import one_line, run_script
     for flags, words in ((["--batch-size", "0"], "--batch-size >= 1"), (["--grad-accum", "0"], "--grad-accum >= 1"),
                          (["--seed", str(2**64)], "0 <= --seed < 2**63"), (["--num-queries", "0"], "--num-queries")):
         r = run_script(capsys, os.path.join(ROOT, "train.py"), *stage1_args(data, tmp_path / "o"), *flags)
