@@ -63,7 +63,7 @@ def parse_args(argv):
     p.add_argument("--warmup-steps", type=int, help="default 4%% of max-steps (paper: 2k of 50k)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm, 0 = off")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, help="default 42; with --demo: the world's seed, default 0")
     p.add_argument("--dropout", type=float, help="set every dropout (ViT, abstractor, LoRA); 0 = all off")
     p.add_argument("--max-length", type=int, help="tokens per example (default: the LLM's context)")
     p.add_argument("--device", default="auto")
@@ -84,6 +84,8 @@ def parse_args(argv):
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--lora-targets", default="q_proj,v_proj")
     p.add_argument("--freeze-abstractor", action="store_true", help="stage 2: LoRA only (the released script)")
+    p.add_argument("--freeze-vision", action="store_true", help="stage 1: the abstractor only, the ViT frozen "
+                   "(LLaVA, MiniGPT-4)")
     p.add_argument("--full-finetune", action="store_true", help="stage 2: LLM + abstractor, no LoRA (FSDP2 if torchrun)")
     p.add_argument("--num-queries", "--num-query-tokens", type=int, default=64, help="stage 1 abstractor")
     p.add_argument("--abstractor-layers", type=int, default=6)
@@ -93,13 +95,16 @@ def parse_args(argv):
     p.add_argument("--check-data", action="store_true", help="validate --data and exit")
     p.add_argument("--demo", metavar="OUT", help="run the tiny two-stage demo (owl/demo/) into OUT")
     p.add_argument("--ablation", action="store_true", help="with --demo: the paper's ablation rows too")
+    p.add_argument("--seeds", type=int, default=1, help="with --demo: train every arm with N training seeds")
     args = p.parse_args(argv)
+    args.seed = args.seed if args.seed is not None else (0 if args.demo else 42)
     sizes = (args.num_queries, args.abstractor_layers, args.abstractor_heads, args.abstractor_mlp, args.lora_r)
     need = {"--batch-size >= 1": args.batch_size >= 1, "--grad-accum >= 1": args.grad_accum >= 1,
             "--max-steps, --save-every, --eval-every >= 0": min(args.max_steps, args.save_every, args.eval_every) >= 0,
             "0 <= --seed < 2**63": 0 <= args.seed < 2**63, "--num-queries, --abstractor-*, --lora-r >= 1": min(sizes) > 0,
-            "--shuffle-buffer >= 1": args.shuffle_buffer >= 1, "--full-finetune with --stage 2 (not 1)":
-            not (args.full_finetune and args.stage == 1)}
+            "--shuffle-buffer >= 1": args.shuffle_buffer >= 1, "--seeds >= 1": args.seeds >= 1,
+            "--full-finetune with --stage 2 (not 1)": not (args.full_finetune and args.stage == 1),
+            "--freeze-vision with --stage 1 (stage 2 freezes the ViT anyway)": not (args.freeze_vision and args.stage == 2)}
     if not all(need.values()):  # one line, before anything is read
         raise TrainError(f"need {'; '.join(k for k, ok in need.items() if not ok)} (train.py --help lists the options)")
     args.lr = args.lr if args.lr is not None else (1e-4 if args.stage == 1 else 2e-5)
@@ -156,7 +161,8 @@ def build_model(args, cfg=None):
     if args.dropout is not None:
         set_dropout(model, args.dropout)
     model.vision_model.grad_checkpointing = model.language_model.grad_checkpointing = args.grad_checkpointing
-    set_trainable(model, args.stage, train_abstractor=not args.freeze_abstractor, full=args.full_finetune)
+    set_trainable(model, args.stage, train_abstractor=not args.freeze_abstractor, full=args.full_finetune,
+                  train_vision=not args.freeze_vision)
     return model
 
 
@@ -166,7 +172,8 @@ def main(argv=None):
     """Parse argv, run, and return the output directory (stage 1/2, --demo) or None (--check-data)."""
     args = parse_args(argv)
     if args.demo:
-        return run_demo(args.demo, main, ablation=args.ablation)  # the demo trains through this very main
+        # the demo trains through this very main
+        return run_demo(args.demo, main, ablation=args.ablation, seed=args.seed, seeds=args.seeds)
     if args.check_data:
         tok, max_length, cfg = data_setup(args)
         if shards := shard_files(args.data):

@@ -12,7 +12,7 @@ import torch
 import owl
 import train
 from owl.config import LlamaConfig
-from owl.demo import probe, world
+from owl.demo import files, probe, world
 from owl.demo import run as demo
 from owl.demo import stand_ins
 from owl.llama import Llama
@@ -55,7 +55,7 @@ def test_corpus_tokenisation_matches_train_and_generate(tmp_path):
     """A pretraining conversation reads as train.py tokenises it (i even) or as a prompt reaches
     owl.generate (i odd), with each image's notes in its slots; the loss falls on answers only."""
     from owl.train.data import tokenize_conversation
-    paths = world.write_world(str(tmp_path), n_train=20, n_test=4, n_text=20, seed=0, questions_per_type=1,
+    paths = files.write_world(str(tmp_path), n_train=20, n_test=4, n_text=20, seed=0, questions_per_type=1,
                               n_corpus=300)
     tok = owl.Tokenizer(paths["tokenizer"], 21)
     rng = random.Random(1)
@@ -108,18 +108,36 @@ def test_reduced_demo_end_to_end(tmp_path):
     assert demo.run_demo(out, train.main, ablation=True, quick=True) == out
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
-    assert set(report["ablation"]) == {"both", "stage1_only", "stage2_only"}
+    assert set(report["ablation"]) == {"both", "stage1_only", "stage2_only", "frozen_vit"}
     for name, r in report["ablation"].items():
-        assert set(r["per_type"]) == set(world.QUESTION_TYPES), name
+        assert set(r["per_type"]) == set(r["ci95_vs_both_per_type"]) == set(world.QUESTION_TYPES), name
+        lo, hi = r["ci95_vs_both"]
+        assert lo <= r["accuracy"] - report["accuracy"] + 1e-9 and r["accuracy"] - report["accuracy"] <= hi + 1e-9
+    assert report["ablation"]["both"]["ci95_vs_both"] == [0.0, 0.0]
+    assert report["config"]["seed"] == 0 and report["times_s"]["total"] > 0 and report["n_questions"] == 40
+    assert set(report["llm_reads_notes"]) == {"accuracy", "per_type", "n"}
+    for probes in report["vit_probes"].values():
+        assert all(0 <= v <= 1 for v in probes.values()) and len(probes) == 4
+    # the frozen arm's stage 1 kept the stand-in CLIP bit for bit; the method's trained it
+    clip = owl.load_vision(os.path.join(out, "clip")).state_dict()
+    for arm, same in (("frozen_vit/stage1", True), ("stage1", False)):
+        vit = owl.load_model(os.path.join(out, arm))[0].vision_model.state_dict()
+        assert all(torch.equal(vit[k], v) for k, v in clip.items()) == same, arm
+    with open(os.path.join(out, "world", "test.json")) as f:
+        tests = json.load(f)
+    assert all(len(t["captions"]) == len(t["images"]) and t["captions"][0].startswith("There ") for t in tests)
+    refs = {p: c for t in tests for p, c in zip(t["images"], t["captions"])}
+    assert 0 < report["describe"]["n"] <= 40 and 0 <= report["describe"]["exact"] <= 1
+    assert all(refs[r["image"]] == r["caption"] for r in report["describe"]["answers"])
     # something was learned: every training loss falls (its first fifth of steps against its last; the
     # reduced run's stage 1 has 40 steps and falls by ~9%, the others by 20-75%)
-    for run in ("llm", "clip", "stage1", "stage2", "stage2_only"):
+    for run in ("llm", "clip", "stage1", "stage2", "stage2_only", "frozen_vit/stage1", "frozen_vit/stage2"):
         with open(os.path.join(out, run, "metrics.jsonl")) as f:
             losses = [json.loads(line)["loss"] for line in f]
         k = max(1, len(losses) // 5)
         assert sum(losses[-k:]) / k < 0.95 * sum(losses[:k]) / k, (run, losses[:k], losses[-k:])
     assert report["accuracy"] == report["ablation"]["both"]["accuracy"]
-    for f in ("report.md", "llm/config.json", "clip/config.json", "stage1/model.safetensors",
+    for f in ("report.md", "loss.png", "llm/config.json", "clip/config.json", "stage1/model.safetensors",
               "stage2/adapter.safetensors", "stage2_only/model.safetensors", "samples/0_0.png"):
         assert os.path.isfile(os.path.join(out, f)), f
     with open(os.path.join(out, "stage1", "metrics.jsonl")) as f:
@@ -140,7 +158,7 @@ def test_reduced_demo_end_to_end(tmp_path):
 def test_lm_batches_cover_each_document_once_per_epoch_with_its_neighbours_in_length(tmp_path):
     """One epoch of the stand-in LLM's batches holds every corpus document once (but the few longest
     that do not fill a batch), padded after its end, next to documents of about its length."""
-    paths = world.write_world(str(tmp_path), n_train=20, n_test=4, n_text=20, seed=0, questions_per_type=1,
+    paths = files.write_world(str(tmp_path), n_train=20, n_test=4, n_text=20, seed=0, questions_per_type=1,
                               n_corpus=100)
     tok = owl.Tokenizer(paths["tokenizer"], 21)
     with open(paths["corpus"]) as f:
@@ -174,3 +192,58 @@ def test_lookup_probe_random_item_chance():
     assert probe.random_item(note, "cat") is None and probe.random_item(note, "yes") is None
     assert probe.template("Where is the red circle?", "top left") == "Where is the <colour> <shape>?"
     assert probe.template("Is there a blue square?", "no") == "Is there a <colour> <shape>? (no)"
+
+
+def test_paired_bootstrap_interval():
+    """The interval of a difference between two arms scored on the same questions: none when they answer
+    alike, the exact difference when one is always right, and around the difference otherwise (paired:
+    far narrower than the arms' own spread when they mostly agree)."""
+    from owl.demo.report import paired_ci
+    g = torch.Generator().manual_seed(0)
+    both = (torch.rand(1, 400, generator=g) < 0.7).double()
+    assert paired_ci(both, both) == [0.0, 0.0]
+    assert paired_ci(torch.ones(1, 400, dtype=torch.float64), torch.zeros(1, 400, dtype=torch.float64)) == [1.0, 1.0]
+    arm = both.clone()
+    arm[0, :40] = 1 - arm[0, :40]  # disagrees on 40 of 400 questions
+    diff = (arm - both).mean().item()
+    lo, hi = paired_ci(arm, both)
+    assert lo < diff < hi and hi - lo < 0.08
+    worse = both.clone()
+    worse[0, both[0] == 1] = torch.where(torch.rand(int(both.sum()), generator=g) < 0.2, 0.0, 1.0).double()
+    assert paired_ci(worse, both)[1] < 0  # 20% of the right answers lost: the interval excludes 0
+    two_seeds = torch.cat([both, both])  # seed-averaged: the same as one seed when the seeds agree
+    assert paired_ci(torch.cat([arm, arm]), two_seeds) == [lo, hi]
+
+
+def test_stand_in_clip_reads_alt_text_as_a_bag_that_never_says_where():
+    rng = random.Random(0)
+    texts = [world.alt_text(world.random_scene(rng), rng) for _ in range(500)]
+    words = {w for t in texts for w in t.split()}
+    assert not words & {"top", "bottom", "left", "right"}  # never a position
+    assert words <= set(world.SIZES) | set(world.COLOURS) | set(world.SHAPES) | {"writing"} | set(world.WORDS)
+    assert 0 < sum(any(w in world.WORDS for w in t.split()) for t in texts) < 0.15 * len(texts)  # the word rarely
+    tower = stand_ins.TextTower(sorted(words), 16)
+    a, b = tower(["red circle blue square", "blue circle red square"])
+    assert torch.allclose(a, b)  # a bag: which colour goes with which shape is lost, as in CLIP's text tower
+    assert not torch.allclose(*tower(["red circle", "blue circle"]))
+
+
+def test_vit_probes_read_what_the_features_hold(tmp_path):
+    """probe_vit scores held-out cells: a ViT whose features carry the pixels reads each cell's colour;
+    one whose features are constant scores no better than always guessing the commonest answer."""
+    paths = files.write_world(str(tmp_path), n_train=80, n_test=40, n_text=4, seed=0, questions_per_type=1,
+                              n_corpus=20, n_pretrain=4, n_clip=4)
+    cfg = demo.owl_config(demo.DemoConfig()).vision_config
+    torch.manual_seed(0)
+    vit = VisionTransformer(cfg)
+    vit.init_weights()
+    seeing = stand_ins.probe_vit(vit.eval(), paths["labels"])
+    assert seeing["cell colour"] > 0.9 and seeing["cell thing"] > 0.8
+    for p in vit.parameters():
+        torch.nn.init.zeros_(p)
+    blind = stand_ins.probe_vit(vit, paths["labels"])
+    with open(paths["labels"]) as f:
+        held = [json.loads(line) for line in f if "test_" in line]
+    things = [c[0] for r in held for c in r["cells"]]
+    assert blind["cell thing"] <= max(things.count(t) for t in set(things)) / len(things) + 1e-3
+    assert blind["cell colour"] < 0.5 and blind["cell word"] < 0.5

@@ -94,7 +94,8 @@ def test_the_checker_can_fail():
         "owl.chat.session imports another wing, owl.demo.world"]
     files = module_files()  # relative imports resolve to the right modules
     assert imports_of("owl.chat.session", files["owl.chat.session"], files) >= {"owl.generate", "owl.tokenizer"}
-    assert "owl.demo.world" in imports_of("owl.demo.run", files["owl.demo.run"], files)
+    assert "owl.demo.files" in imports_of("owl.demo.run", files["owl.demo.run"], files)  # `from . import files`
+    assert "owl.demo.world" in imports_of("owl.demo.files", files["owl.demo.files"], files)  # `from .world import (...)`
 
 
 def test_no_import_circle():

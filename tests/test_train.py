@@ -18,6 +18,7 @@ from owl.lora import main as lora_main
 from owl.model import lm_loss_sum
 from owl.train.batches import OwlDataset, collate
 from owl.train.data import DataError, load_examples
+from owl.train.safety import TrainError
 from owl.train.state import read_state, write_state
 from tests.conftest import REF, ROOT, noise_images, one_line, run_script
 
@@ -177,6 +178,27 @@ def test_vision_lr_applies_to_the_vit_only(data, tmp_path):
     m, _ = owl.load_model(str(out))
     for k, v in owl.load_vision(CLIP).state_dict().items():
         assert torch.equal(m.vision_model.state_dict()[k], v), k
+
+
+def test_freeze_vision_trains_the_abstractor_only_and_keeps_the_vit_bit_for_bit(data, tmp_path):
+    """train.py --freeze-vision (the demo's frozen_vit arm: LLaVA / MiniGPT-4): stage 1 trains the
+    abstractor and queries; the ViT and the LLaMA come out as they went in, and the optimizer holds
+    no state for them. Stage 2 refuses the flag (it freezes the ViT anyway)."""
+    model = train.build_model(train.parse_args(stage1_args(data, tmp_path, "--freeze-vision")))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if n.startswith("abstractor.") or n == "query_tokens"}
+    out = tmp_path / "frozen"
+    train.main(stage1_args(data, out, "--batch-size", "2", "--freeze-vision", "--save-every", "3"))
+    m, _ = owl.load_model(str(out))
+    for k, v in owl.load_vision(CLIP).state_dict().items():
+        assert torch.equal(m.vision_model.state_dict()[k], v), k
+    init = train.build_model(train.parse_args(stage1_args(data, tmp_path)))  # the same seed: the same fresh abstractor
+    moved = [k for k, v in init.abstractor.state_dict().items() if not torch.equal(m.abstractor.state_dict()[k], v)]
+    assert len(moved) > len(init.abstractor.state_dict()) // 2  # the abstractor trained
+    assert set(load_file(out / "checkpoint" / "trainable.safetensors")) == {
+        n for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(TrainError, match="--freeze-vision with --stage 1"):
+        train.main(stage2_args(data, tmp_path / "s2", "--freeze-vision"))
 
 
 def test_stage1_gradient_flows_through_the_frozen_llama(data, tmp_path):

@@ -7,27 +7,28 @@ import random
 import pytest
 
 from owl import build_prompt
-from owl.demo import world
+from owl.demo import files, world
 from owl.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    paths = world.write_world(str(out), n_train=60, n_test=12, n_text=60, seed=3, questions_per_type=3, n_corpus=200)
+    paths = files.write_world(str(out), n_train=60, n_test=12, n_text=60, seed=3, questions_per_type=3, n_corpus=200,
+                              n_pretrain=90, n_clip=30)
     return out, paths
 
 
 def test_same_seed_same_world(small_world, tmp_path):
     out, paths = small_world
-    again = world.write_world(str(tmp_path), n_train=60, n_test=12, n_text=60, seed=3, questions_per_type=3,
-                            n_corpus=200)
-    for key in ("captions", "labels", "instructions", "text_instructions", "test", "corpus", "tokenizer"):
+    again = files.write_world(str(tmp_path), n_train=60, n_test=12, n_text=60, seed=3, questions_per_type=3,
+                            n_corpus=200, n_pretrain=90, n_clip=30)
+    for key in ("alt_text", "captions", "labels", "instructions", "text_instructions", "test", "corpus", "tokenizer"):
         assert filecmp.cmp(paths[key], again[key], shallow=False), key
-    for name in ("train_00000.png", "train_00059.png", "test_00011.png"):
+    for name in ("clip_00000.png", "pretrain_00000.png", "train_00000.png", "train_00059.png", "test_00011.png"):
         assert filecmp.cmp(out / "images" / name, tmp_path / "images" / name, shallow=False)
-    other = world.write_world(str(tmp_path / "other"), n_train=60, n_test=12, n_text=60, seed=4, questions_per_type=3,
-                            n_corpus=200)
+    other = files.write_world(str(tmp_path / "other"), n_train=60, n_test=12, n_text=60, seed=4, questions_per_type=3,
+                            n_corpus=200, n_pretrain=90, n_clip=30)
     assert not filecmp.cmp(paths["captions"], other["captions"], shallow=False)
 
 
@@ -83,7 +84,8 @@ def test_files_are_in_the_formats_train_py_reads(small_world):
     out, paths = small_world
     tok = Tokenizer(paths["tokenizer"], 17)
     ex, st = load_examples([paths["captions"]], tok, 512)
-    assert st.formats == {"caption": 60} and len(ex) == 60 and not st.missing
+    assert st.formats == {"caption": 90} and len(ex) == 90 and not st.missing  # stage 1 sees more images
+    assert all("/images/pretrain_" in e.images[0] for e in ex)
     ex, st = load_examples([paths["instructions"], paths["text_instructions"]], tok, 512)
     assert st.formats["alpaca"] == 60 and st.formats["official"] > 60
     assert not st.missing and not st.mismatch and st.text_only == 60
@@ -93,11 +95,15 @@ def test_files_are_in_the_formats_train_py_reads(small_world):
     assert any(r["text"].count("AI: ") >= 2 for r in rows)  # multi-turn
     for r in rows:
         assert r["text"].count("<image>") == len(r["image"])
+        assert all(p.startswith("images/train_") for p in r["image"])  # stage 2's own images
+    describe = [r for r in rows if r.get("task_type") == "describe"]  # chat's first question, answered
+    assert describe and all(r["text"].rstrip("\n").rpartition("AI: ")[2].startswith("There ") for r in describe)
     with open(paths["test"]) as f:
         tests = json.load(f)
     assert {t["type"] for t in tests} == set(world.QUESTION_TYPES)
     for t in tests:
         assert all(p.startswith("images/test_") for p in t["images"])  # held-out images only
+        assert [c.startswith("There ") for c in t["captions"]] == [True] * len(t["images"])
         n_img = sum(turn[0] for turn in t["turns"])
         assert build_prompt([tuple(x) for x in t["turns"]]).count("<image>") == n_img == len(t["images"])
 

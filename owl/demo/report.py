@@ -1,19 +1,55 @@
 """The demo's report (run.py): OUT/report.json, OUT/report.md, OUT/loss.png and OUT/samples/.
 
-report.json: {"accuracy", "per_type", "ablation": {"both" | "stage1_only" | "stage2_only": {"accuracy",
-"per_type", "n"}}, "times_s", "config", "samples"}. matplotlib is a tutorial/dev dependency, not a
-runtime one: without it the PNG is skipped and report.md says so.
+report.json: {"accuracy", "per_type", "n_questions", "llm_reads_notes", "ablation": {arm: {"accuracy",
+"per_type", "n", "ci95_vs_both", "ci95_vs_both_per_type"}}, "vit_probes", "describe", "times_s", "config",
+"checkpoints", "samples"}; arm is both, stage1_only, stage2_only or frozen_vit. With several training
+seeds an arm's accuracies are the means over its seeds. The loss plot is drawn with Pillow (a runtime
+package), so a fresh clone makes it.
 """
 import json
+import math
 import os
 import shutil
 from dataclasses import asdict
+
+import torch
+from PIL import Image, ImageDraw
 
 from .world import QUESTION_TYPES
 
 ROWS = (("stage1_only", "stage 1 only (no instruction tuning)"),
         ("stage2_only", "stage 2 only (no multimodal pretraining)"),
+        ("frozen_vit", "both, the ViT frozen in stage 1 (LLaVA, MiniGPT-4)"),
         ("both", "both stages (the method)"))
+
+
+def correct_matrix(runs, keep=None):
+    """(seeds, questions) 0/1 of one arm's runs, the questions in test.json's order (keep: a mask)."""
+    m = torch.tensor([[float(a["correct"]) for a in r["answers"]] for r in runs], dtype=torch.float64)
+    return m if keep is None else m[:, keep]
+
+
+def paired_ci(arm, both, n_boot=4000, seed=0):
+    """95% paired bootstrap interval of accuracy(arm) - accuracy(both), both (seeds, questions): the
+    questions are resampled, the same resample for the two arms, and each question's difference is
+    averaged over the training seeds (seed i of the arm against seed i of both)."""
+    diff = (arm - both).mean(0)  # (questions,)
+    idx = torch.randint(0, len(diff), (n_boot, len(diff)), generator=torch.Generator().manual_seed(seed))
+    boot = diff[idx].mean(1)
+    return [round(torch.quantile(boot, q).item(), 4) for q in (0.025, 0.975)]
+
+
+def summarise(runs, both_runs):
+    """An arm's mean accuracy overall and per question type, and its intervals against both."""
+    types = [a["type"] for a in runs[0]["answers"]]
+    m, b = correct_matrix(runs), correct_matrix(both_runs)
+    per_type, ci_type = {}, {}
+    for t in dict.fromkeys(types):
+        keep = torch.tensor([x == t for x in types])
+        per_type[t] = m[:, keep].mean().item()
+        ci_type[t] = paired_ci(m[:, keep], b[:, keep])
+    return {"accuracy": m.mean().item(), "per_type": per_type, "n": len(types), "seeds": len(runs),
+            "ci95_vs_both": paired_ci(m, b), "ci95_vs_both_per_type": ci_type}
 
 
 def read_metrics(path):
@@ -23,29 +59,31 @@ def read_metrics(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_losses(out, curves, file="loss.png"):
-    """One panel per run: training loss per step (and the held-out eval loss where logged).
-    Returns the PNG's name, or None when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2), squeeze=False)
-    for ax, (title, rows) in zip(axes[0], curves.items()):
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label="train")
-        ev = [r for r in rows if "eval_loss" in r]
-        if ev:
-            ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", ms=3, label="held-out")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.set_yscale("log")
-        ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("loss per target token")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, file), dpi=90)
-    plt.close(fig)
+def plot_losses(out, curves, file="loss.png", w=300, h=220, pad=34):
+    """One panel per run: training loss per step (blue) and the held-out loss where logged (orange),
+    log scale, drawn with Pillow. Returns the PNG's name."""
+    img = Image.new("RGB", (w * len(curves), h), "white")
+    draw = ImageDraw.Draw(img)
+    for k, (title, rows) in enumerate(curves.items()):
+        x0, series = k * w, [[(r["step"], r["loss"]) for r in rows],
+                             [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]]
+        pts = [p for line in series for p in line if p[1] > 0]
+        lo, hi = math.log10(min(p[1] for p in pts)), math.log10(max(p[1] for p in pts))
+        hi, last = max(hi, lo + 1e-3), max(p[0] for p in pts) or 1
+
+        def xy(step, loss):
+            return (x0 + pad + (w - pad - 8) * step / last,
+                    h - pad + (pad + 20 - h) * (math.log10(loss) - lo) / (hi - lo))
+        draw.rectangle([x0 + pad, 20, x0 + w - 8, h - pad], outline="grey")
+        draw.text((x0 + pad, 4), title[:44], fill="black")
+        draw.text((x0 + 2, 20), f"{10 ** hi:.2g}", fill="black")
+        draw.text((x0 + 2, h - pad - 10), f"{10 ** lo:.2g}", fill="black")
+        draw.text((x0 + w - 60, h - pad + 4), f"step {last}", fill="black")
+        for line, colour in zip(series, ((40, 90, 200), (230, 120, 20))):
+            line = [xy(*p) for p in line if p[1] > 0]
+            if len(line) > 1:
+                draw.line(line, fill=colour, width=1 if colour[0] == 40 else 2)
+    img.save(os.path.join(out, file))
     return file
 
 
@@ -54,8 +92,10 @@ def loss_curves(out, runs):
               "ViT pretraining (stand-in CLIP)": read_metrics(os.path.join(out, "clip", "metrics.jsonl")),
               "stage 1: ViT + abstractor": read_metrics(os.path.join(out, "stage1", "metrics.jsonl")),
               "stage 2: LoRA + abstractor": read_metrics(os.path.join(out, "stage2", "metrics.jsonl"))}
-    if "stage2_only" in runs:
-        curves["stage 2 only (unaligned start)"] = read_metrics(os.path.join(out, "stage2_only", "metrics.jsonl"))
+    for arm, title in (("stage2_only", "stage 2 only (unaligned start)"), ("frozen_vit", "stage 1, ViT frozen")):
+        if arm in runs:
+            sub = "stage1" if arm == "frozen_vit" else ""
+            curves[title] = read_metrics(os.path.join(out, arm, sub, "metrics.jsonl"))
     return {k: v for k, v in curves.items() if v}
 
 
@@ -83,50 +123,61 @@ def pct(x):
     return f"{100 * x:.1f}%"
 
 
-def write_report(out, d, results, runs, times):
-    results = dict(results)
-    ceiling = results.pop("llm_reads_notes", None)  # the stand-in LLM given the notes in words
-    both = results["both"]
+def write_report(out, d, results, ceiling, probes, captions, runs, times):
+    """results: arm -> one evaluate() per training seed; ceiling: the stand-in LLM reading the notes;
+    probes: ViT -> linear-probe accuracies; captions: run.describe of both; runs: arm -> checkpoint per seed."""
+    both = results["both"][0]  # seed 0: its answers are the samples and answers_*.jsonl
     samples = copy_samples(out, both["answers"])
     png = plot_losses(out, loss_curves(out, runs))
-    report = {"accuracy": both["accuracy"], "per_type": both["per_type"], "n_questions": both["n"],
-              "ablation": {k: {"accuracy": r["accuracy"], "per_type": r["per_type"], "n": r["n"]}
-                           for k, r in results.items()},
+    ablation = {k: summarise(r, results["both"]) for k, r in results.items()}
+    report = {"accuracy": ablation["both"]["accuracy"], "per_type": ablation["both"]["per_type"],
+              "n_questions": both["n"], "ablation": ablation, "vit_probes": probes, "describe": captions,
               "times_s": dict(times, total=round(sum(times.values()), 1)), "config": asdict(d),
-              "llm_reads_notes": ceiling and {k: ceiling[k] for k in ("accuracy", "per_type", "n")},
-              "checkpoints": runs, "samples": samples}
+              "llm_reads_notes": {k: ceiling[k] for k in ("accuracy", "per_type", "n")},
+              "checkpoints": {k: v[0] for k, v in runs.items()}, "checkpoints_per_seed": runs, "samples": samples}
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
-    for name, r in results.items():  # every answer, for whoever wants to look closer
+    for name, r in results.items():  # every answer of seed 0, for whoever wants to look closer
         with open(os.path.join(out, f"answers_{name}.jsonl"), "w") as f:
-            f.writelines(json.dumps(a) + "\n" for a in r["answers"])
+            f.writelines(json.dumps(a) + "\n" for a in r[0]["answers"])
 
     types = [t for t in QUESTION_TYPES if t in both["per_type"]]
+    acc = ablation["both"]
     md = ["# mPLUG-Owl demo: a tiny model trained end to end on a synthetic world", "",
-          f"Held-out accuracy of the two-stage model: **{pct(both['accuracy'])}** "
-          f"({both['n']} questions on {d.n_test} held-out images; greedy decoding, exact match after "
+          f"Held-out accuracy of the two-stage model: **{pct(acc['accuracy'])}** "
+          f"({both['n']} questions on {d.n_test} held-out images, world seed {d.seed}, "
+          f"{d.seeds} training seed{'s' * (d.seeds > 1)}; greedy decoding, exact match after "
           f"lower-casing and stripping a final full stop).", "",
           "| question type | " + " | ".join(types) + " |", "|---" * (len(types) + 1) + "|",
-          "| accuracy | " + " | ".join(pct(both["per_type"][t]) for t in types) + " |"]
-    if ceiling:
-        md += ["| the stand-in LLM reading the notes in words (no image) | "
-               + " | ".join(pct(ceiling["per_type"].get(t, 0.0)) for t in types) + " |", "",
-               f"The second row is a ceiling: the pretrained stand-in LLM alone ({pct(ceiling['accuracy'])}), "
-               "given each image's notes as text where the visual tokens go."]
-    md += [""]
+          "| accuracy | " + " | ".join(pct(acc["per_type"][t]) for t in types) + " |",
+          "| the stand-in LLM reading the notes in words (no image) | "
+          + " | ".join(pct(ceiling["per_type"].get(t, 0.0)) for t in types) + " |", "",
+          f"The second row is a ceiling: the pretrained stand-in LLM alone ({pct(ceiling['accuracy'])}), "
+          "given each image's notes as text where the visual tokens go.", ""]
     if len(results) > 1:
+        def cell(r, t=None):
+            v = r["accuracy"] if t is None else r["per_type"][t]
+            lo, hi = r["ci95_vs_both"] if t is None else r["ci95_vs_both_per_type"][t]
+            return pct(v) if r is acc else f"{pct(v)} ({100 * lo:+.0f}, {100 * hi:+.0f})"
         md += ["## Ablation (the paper's Table 2, on this world)", "",
+               "In brackets: the 95% paired bootstrap interval of the arm minus both stages, in points.", "",
                "| variant | all | " + " | ".join(types) + " |", "|---" * (len(types) + 2) + "|"]
-        md += [f"| {label} | {pct(results[k]['accuracy'])} | "
-               + " | ".join(pct(results[k]["per_type"].get(t, 0.0)) for t in types) + " |"
-               for k, label in ROWS if k in results]
+        md += [f"| {label} | {cell(ablation[k])} | " + " | ".join(cell(ablation[k], t) for t in types) + " |"
+               for k, label in ROWS if k in ablation]
         md += ["", "Stage 1 only is the aligned ViT and abstractor with the stand-in LLM as pretrained (it knows "
                "the chat template from its text about scenes), never instruction-tuned on images; stage 2 only "
                "starts from the stand-in CLIP ViT and a fresh abstractor that never saw a caption (stage 2 "
-               "freezes the ViT, so only the abstractor and LoRA learn).", ""]
-    md += ["## Loss curves", ""]
-    md += [f"![loss curves]({png})", ""] if png else ["(matplotlib is not installed: no loss plot; the curves "
-                                                       "are in */metrics.jsonl)", ""]
+               "freezes the ViT, so only the abstractor and LoRA learn); the frozen-ViT arm runs both stages "
+               "but trains only the abstractor in stage 1, as LLaVA and MiniGPT-4 do.", ""]
+    names = list(next(iter(probes.values())))
+    md += ["## What the ViT's features hold (linear probes, held-out images)", "",
+           "| ViT | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    md += [f"| {name} | " + " | ".join(pct(v) for v in p.values()) + " |" for name, p in probes.items()]
+    md += ["", "## \"Describe this image.\" (chat's first question, held-out images)", "",
+           f"{pct(captions['exact'])} of {captions['n']} answers are exactly the reference caption.", "",
+           "| image | reference caption | answer |", "|---|---|---|"]
+    md += [f"| {r['image']} | {r['caption']} | {r['answer']} |" for r in captions["answers"][:4]]
+    md += ["", "## Loss curves", "", f"![loss curves]({png})", ""]
     md += ["## Samples", "", "| image(s) | question | expected | answer |", "|---|---|---|---|"]
     for s in samples:
         imgs = " ".join(f"![]({p})" for p in s["images"])

@@ -2,17 +2,21 @@
 
     python train.py --demo OUT [--ablation]
 
-1. world.py writes a synthetic world: images, captions, instructions, a text corpus, a tokenizer.
+1. world.py makes a synthetic world and files.py writes it: images, captions, instructions, a text corpus, a
+   tokenizer.
 2. A tiny LLaMA is pretrained on the world's text (it stands in for the pretrained LLM, the paper's
-   raw LLaMA-7B) and written in the HF LLaMA layout; a tiny ViT is pretrained for seconds to name what
-   each cell of an image holds and written in the HF CLIP layout (it stands in for CLIP ViT-L/14,
-   which we cannot download). owl/demo/stand_ins.py.
+   raw LLaMA-7B) and written in the HF LLaMA layout; a tiny ViT is pretrained contrastively on its own
+   pool of images with web-like alt text and written in the HF CLIP layout (it stands in for CLIP
+   ViT-L/14, which we cannot download). owl/demo/stand_ins.py.
 3. Stage 1 (train.py --stage 1): ViT + abstractor + queries trained on captions, LLaMA frozen.
 4. Stage 2 (train.py --stage 2): LoRA + abstractor trained on text-only and multimodal instructions.
 5. Greedy answers to held-out questions on held-out images are scored (exact match after
    normalisation) and OUT/report.json, OUT/report.md, OUT/loss.png and OUT/samples/ are written.
 With --ablation it also trains the paper's Table 2 variants: stage 1 only (no instruction tuning),
-stage 2 only (no multimodal pretraining: the ViT and abstractor are never aligned) and both.
+stage 2 only (no multimodal pretraining: the ViT and abstractor are never aligned) and both, and the
+control the paper argues against: both stages with the ViT frozen in stage 1 (LLaVA, MiniGPT-4).
+Each arm's difference from "both" gets a 95% paired bootstrap interval over the held-out questions;
+--seeds N trains every arm with N training seeds (the world, --seed, stays the same).
 
 Candidly, where this departs from the paper: the stand-ins know only this world. The LLM's
 pretraining text describes scenes in terse "notes" (20 words, one token each: "top left big red
@@ -32,9 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import world
+from . import files
 from .report import write_report
-from .stand_ins import notes_ids, pretrain_llm, pretrain_vit, write_hf_clip, write_hf_llama
+from .stand_ins import notes_ids, pretrain_llm, pretrain_vit, probe_vit, write_hf_clip, write_hf_llama
 from ..config import OwlConfig, VisionConfig, AbstractorConfig, LlamaConfig
 from ..generate import generate
 from ..image import load_image
@@ -45,21 +49,25 @@ from ..weights import load_model
 @dataclass
 class DemoConfig:
     """Sizes and steps of the demo; `quick` (tests, notebooks) shrinks everything."""
-    seed: int = 0
+    seed: int = 0  # the world's (and the stand-ins') seed
+    seeds: int = 1  # training seeds of the stages: 0 .. seeds-1
     # Torch threads; 0 keeps torch's default (one per core): 1.4-1.6x faster than one thread on an idle
     # 2-core machine, but much slower than one when another process shares the cores (then pass 1).
     threads: int = 0
     image_size: int = 56  # 4 x 4 patches of 14 px: each of the world's 2 x 2 cells is 2 x 2 patches
-    n_train: int = 3000  # training images
+    n_clip: int = 3000  # the stand-in CLIP's own images (alt text)
+    n_pretrain: int = 6000  # stage-1 images (captions): more than stage 2's, as in the paper
+    n_train: int = 1500  # stage-2 images (instructions)
     n_test: int = 120  # held-out images
     n_text: int = 1500  # text-only instructions
     n_corpus: int = 9000  # scenes described in the LLM's pretraining text (2-3 documents each)
     questions_per_type: int = 40  # held-out questions per question type
     vocab_size: int = 1024  # 259 of them are <unk>, <s>, </s> and the 256 byte-fallback pieces
     lm_steps: int = 2000  # LLM pretraining
-    vit_steps: int = 800  # ViT pretraining (batch 64)
-    vit_lr: float = 5e-4
-    stage1_steps: int = 1200
+    vit_steps: int = 600  # ViT pretraining
+    vit_batch_size: int = 128  # contrastive: the other 127 alt texts of the batch are the negatives
+    vit_lr: float = 1e-3
+    stage1_steps: int = 1500
     stage2_steps: int = 800
     batch_size: int = 16
     vit_hidden: int = 96
@@ -69,10 +77,8 @@ class DemoConfig:
     llm_hidden: int = 128
     llm_layers: int = 2
     lm_lr: float = 5e-4
-    stage1_lr: float = 5e-4  # the paper: 1e-4 for 50k steps; ours has 1200
-    # The pretrained ViT at a tenth of that (train.py --vision-lr): the fresh abstractor needs the large
-    # lr, the ViT does not (the paper uses one lr). Measured: stage-1 held-out loss 0.158 vs 0.175.
-    stage1_vision_lr: float = 5e-5
+    stage1_lr: float = 5e-4  # the paper: 1e-4 for 50k steps (one lr for the ViT and the abstractor); ours has 1500
+    stage1_vision_lr: float = 5e-4
     stage2_lr: float = 1e-3  # the paper: 2e-5 for 2k steps
     # LoRA on every projection of the LLM, r 16 (see the module docstring)
     lora_r: int = 16
@@ -80,8 +86,8 @@ class DemoConfig:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
-QUICK = dict(n_train=300, n_text=300, n_corpus=600, n_test=30, questions_per_type=5, lm_steps=150, vit_steps=150,
-             stage1_steps=40, stage2_steps=150)
+QUICK = dict(n_clip=300, n_pretrain=300, n_train=300, n_text=300, n_corpus=600, n_test=30, questions_per_type=5,
+             lm_steps=150, vit_steps=100, vit_batch_size=64, stage1_steps=40, stage2_steps=150)
 
 
 def owl_config(d: DemoConfig):
@@ -133,27 +139,45 @@ def evaluate(model, tok, test_file, batch_size=32, max_new_tokens=8, notes=False
             "per_type": {k: sum(v) / len(v) for k, v in per_type.items()}, "n": len(rows), "answers": rows}
 
 
+@torch.inference_mode()
+def describe(model, tok, test_file, n=40, batch_size=20):
+    """"Describe this image." on the first n held-out images, greedy, as chat.py's first question:
+    the share of answers that are exactly the reference caption, and each answer with its reference."""
+    root = os.path.dirname(os.path.abspath(test_file))
+    with open(test_file) as f:
+        refs = {p: c for ex in json.load(f) for p, c in zip(ex["images"], ex["captions"])}
+    names = sorted(refs)[:n]
+    rows = []
+    for i in range(0, len(names), batch_size):
+        chunk = names[i:i + batch_size]
+        prompts = [build_prompt([(1, "Describe this image.", None)])] * len(chunk)
+        outs = generate(model, tok, prompts, [load_image(os.path.join(root, p)) for p in chunk], max_new_tokens=64)
+        rows += [{"image": p, "caption": refs[p], "answer": tok.decode(o).strip()} for p, o in zip(chunk, outs)]
+    return {"exact": sum(r["answer"] == r["caption"] for r in rows) / len(rows), "n": len(rows), "answers": rows}
+
+
 # ----------------------------------------------------------------------------- the stages, through train.py
 
-def stage_args(d: DemoConfig, stage, out, data, steps, lr):
+def stage_args(d: DemoConfig, stage, out, data, steps, lr, seed):
     return ["--stage", stage, "--data", ",".join(data), "--out", out, "--max-steps", steps, "--batch-size",
-            d.batch_size, "--lr", lr, "--warmup-steps", max(1, steps // 10), "--seed", d.seed, "--dropout", 0,
+            d.batch_size, "--lr", lr, "--warmup-steps", max(1, steps // 10), "--seed", seed, "--dropout", 0,
             "--save-every", 0, "--eval-every", max(steps // 4, 1), "--eval-examples", 64, "--device", "cpu"]
 
 
-def stage1(train_main, d, out, world_paths, clip_dir, llm_dir, steps):
-    """Stage 1: ViT + abstractor + queries on captions, LLaMA frozen (train.py --stage 1)."""
-    args = stage_args(d, 1, out, [world_paths["captions"]], steps, d.stage1_lr) + [
+def stage1(train_main, d, out, world_paths, clip_dir, llm_dir, steps, seed, freeze_vision=False):
+    """Stage 1: ViT + abstractor + queries on captions, LLaMA frozen (train.py --stage 1); with
+    freeze_vision the abstractor and queries only (--freeze-vision)."""
+    args = stage_args(d, 1, out, [world_paths["captions"]], steps, d.stage1_lr, seed) + [
         "--vision-init", clip_dir, "--llm-init", llm_dir, "--num-queries", d.num_query_tokens,
         "--vision-lr", d.stage1_vision_lr,
         "--abstractor-layers", d.abstractor_layers, "--abstractor-heads", 4, "--abstractor-mlp", 256]
-    return train_main([str(x) for x in args])
+    return train_main([str(x) for x in args + (["--freeze-vision"] if freeze_vision else [])])
 
 
-def stage2(train_main, d, out, world_paths, init, steps):
+def stage2(train_main, d, out, world_paths, init, steps, seed):
     """Stage 2: LoRA + abstractor on multimodal and text-only instructions, ViT frozen (--stage 2)."""
     data = [world_paths["instructions"], world_paths["text_instructions"]]
-    args = stage_args(d, 2, out, data, steps, d.stage2_lr) + [
+    args = stage_args(d, 2, out, data, steps, d.stage2_lr, seed) + [
         "--init", init, "--lora-r", d.lora_r, "--lora-alpha", d.lora_alpha, "--lora-targets", d.lora_targets]
     return train_main([str(x) for x in args])
 
@@ -167,7 +191,8 @@ def run_demo(out, train_main, ablation=False, quick=False, **overrides):
     d = DemoConfig(**{**(QUICK if quick else {}), **overrides})
     # train.py refuses to overwrite a stage's output, so a second run into the same OUT would stop after
     # minutes of pretraining: refuse at once instead, and never delete an earlier run
-    earlier = [n for n in ("stage1", "stage2", "unaligned", "stage2_only") if os.path.exists(os.path.join(out, n))]
+    earlier = [n for n in ("stage1", "stage2", "unaligned", "stage2_only", "frozen_vit", "seed1")
+               if os.path.exists(os.path.join(out, n))]
     if earlier:
         raise FileExistsError(f"{os.path.join(out, earlier[0])} exists (an earlier demo run): choose another OUT "
                               f"or remove it")
@@ -190,9 +215,9 @@ def _run_demo(out, train_main, d: DemoConfig, ablation):
         t = time.time()
         print(f"[demo] {name}: {times[name]} s", flush=True)
 
-    paths = world.write_world(os.path.join(out, "world"), d.n_train, d.n_test, d.n_text, image_size=d.image_size,
+    paths = files.write_world(os.path.join(out, "world"), d.n_train, d.n_test, d.n_text, image_size=d.image_size,
                               seed=d.seed, questions_per_type=d.questions_per_type, vocab_size=d.vocab_size,
-                              n_corpus=d.n_corpus)
+                              n_corpus=d.n_corpus, n_pretrain=d.n_pretrain, n_clip=d.n_clip)
     tok = Tokenizer(paths["tokenizer"], cfg.image_tokens)
     lap("world")
     llm_dir, clip_dir = os.path.join(out, "llm"), os.path.join(out, "clip")
@@ -203,28 +228,39 @@ def _run_demo(out, train_main, d: DemoConfig, ablation):
     lap("pretrain_llm")
     os.makedirs(clip_dir, exist_ok=True)
     with open(os.path.join(clip_dir, "metrics.jsonl"), "w") as log:
-        vit = pretrain_vit(cfg.vision_config, paths["labels"], d.vit_steps, 64, d.vit_lr, d.seed, log)
+        vit = pretrain_vit(cfg.vision_config, paths["alt_text"], d.vit_steps, d.vit_batch_size, d.vit_lr, d.seed, log)
     write_hf_clip(vit, clip_dir)
     lap("pretrain_vit")
 
-    s1 = stage1(train_main, d, os.path.join(out, "stage1"), paths, clip_dir, llm_dir, d.stage1_steps)
-    lap("stage1")
-    s2 = stage2(train_main, d, os.path.join(out, "stage2"), paths, s1, d.stage2_steps)
-    lap("stage2")
-    runs = {"both": s2}
-    if ablation:
-        runs["stage1_only"] = s1  # multimodal pretraining, no instruction tuning
-        # No multimodal pretraining: stage 1 for 0 steps exports the unaligned model (the stand-in CLIP
-        # ViT, a fresh abstractor, the LLM) by the same code path; stage 2 then starts from it.
-        s0 = stage1(train_main, d, os.path.join(out, "unaligned"), paths, clip_dir, llm_dir, 0)
-        runs["stage2_only"] = stage2(train_main, d, os.path.join(out, "stage2_only"), paths, s0, d.stage2_steps)
-        lap("ablation")
-    results = {}
-    for name, path in runs.items():
-        model, tok = load_model(path)
-        results[name] = evaluate(model, tok, paths["test"])
+    runs = {}  # arm -> one checkpoint per training seed
+    for seed in range(d.seeds):
+        at, tag = (out, "") if seed == 0 else (os.path.join(out, f"seed{seed}"), f"_seed{seed}")
+        s1 = stage1(train_main, d, os.path.join(at, "stage1"), paths, clip_dir, llm_dir, d.stage1_steps, seed)
+        lap(f"stage1{tag}")
+        runs.setdefault("both", []).append(
+            stage2(train_main, d, os.path.join(at, "stage2"), paths, s1, d.stage2_steps, seed))
+        lap(f"stage2{tag}")
+        if ablation:
+            runs.setdefault("stage1_only", []).append(s1)  # multimodal pretraining, no instruction tuning
+            # No multimodal pretraining: stage 1 for 0 steps exports the unaligned model (the stand-in CLIP
+            # ViT, a fresh abstractor, the LLM) by the same code path; stage 2 then starts from it.
+            s0 = stage1(train_main, d, os.path.join(at, "unaligned"), paths, clip_dir, llm_dir, 0, seed)
+            runs.setdefault("stage2_only", []).append(
+                stage2(train_main, d, os.path.join(at, "stage2_only"), paths, s0, d.stage2_steps, seed))
+            # The frozen-encoder recipe (LLaVA, MiniGPT-4): stage 1 trains the abstractor only.
+            f1 = stage1(train_main, d, os.path.join(at, "frozen_vit", "stage1"), paths, clip_dir, llm_dir,
+                        d.stage1_steps, seed, freeze_vision=True)
+            runs.setdefault("frozen_vit", []).append(
+                stage2(train_main, d, os.path.join(at, "frozen_vit", "stage2"), paths, f1, d.stage2_steps, seed))
+            lap(f"ablation{tag}")
+    results = {name: [evaluate(*load_model(path), paths["test"]) for path in paths_] for name, paths_ in runs.items()}
+    captions = describe(*load_model(runs["both"][0]), paths["test"])
+    s1_model = load_model(os.path.join(out, "stage1"))[0]
     # the ceiling: the stand-in LLM (frozen in stage 1) reading each image's notes in words
-    results["llm_reads_notes"] = evaluate(load_model(s1)[0], tok, paths["test"], notes=True)
+    ceiling = evaluate(s1_model, tok, paths["test"], notes=True)
+    # what the ViT's features hold, before stage 1 (the stand-in CLIP; also the frozen arm's ViT) and after
+    probes = {"stand-in CLIP (before stage 1; the frozen_vit arm)": probe_vit(vit, paths["labels"]),
+              "after stage 1": probe_vit(s1_model.vision_model, paths["labels"])}
     lap("evaluate")
-    write_report(out, d, results, runs, times)
+    write_report(out, d, results, ceiling, probes, captions, runs, times)
     return out

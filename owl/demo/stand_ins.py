@@ -4,8 +4,8 @@ train.py --stage 1 reads them in.
   LLaMA-7B -> a tiny LLaMA pretrained for a minute or two on the world's text (pretrain_llm),
               written as an HF LLaMA checkpoint (write_hf_llama: config.json + model.safetensors
               + tokenizer.model), what --llm-init reads;
-  CLIP ViT-L/14 -> a tiny ViT pretrained for seconds to name what is in each cell of the world's
-              images (pretrain_vit), written as an HF CLIPModel (write_hf_clip: vision_config +
+  CLIP ViT-L/14 -> a tiny ViT pretrained contrastively for a minute on its own pool of the world's
+              images with alt text (pretrain_vit), written as an HF CLIPModel (write_hf_clip: vision_config +
               vision_model.* keys, q/k/v unfused per head), what --vision-init reads.
 """
 import json
@@ -184,34 +184,58 @@ def cell_patches(cfg: VisionConfig):
             for i in range(2) for j in range(2)]
 
 
-def pretrain_vit(cfg: VisionConfig, labels_file, steps, batch_size, lr, seed, log=None):
-    """A few hundred steps of supervised pretraining (per cell: which thing, which colour or word, which
-    size) from linear heads on the mean of each cell's patch tokens. It stands in for CLIP's
-    contrastive pretraining: stage 1 starts from a ViT that already sees, as in the paper."""
+class TextTower(torch.nn.Module):
+    """The stand-in CLIP's text encoder: the mean of the alt text's word embeddings, then a linear map.
+    Order-free by construction; CLIP's own is nearly so (Yuksekgonul et al., 2023, "When and why
+    vision-language models behave like bags-of-words")."""
+
+    def __init__(self, words, dim):
+        super().__init__()
+        self.index = {w: i for i, w in enumerate(words)}
+        self.embed = torch.nn.EmbeddingBag(len(words), dim, mode="mean")
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, texts):
+        bags = [[self.index[w] for w in t.split()] for t in texts]
+        offsets = torch.tensor([0] + [len(b) for b in bags[:-1]]).cumsum(0)
+        return self.proj(self.embed(torch.tensor([i for b in bags for i in b]), offsets))
+
+
+def read_images(rows, root, size):
+    return torch.stack([preprocess_image(load_image(os.path.join(root, r["image"])), size) for r in rows])
+
+
+def pretrain_vit(cfg: VisionConfig, alt_text_file, steps, batch_size, lr, seed, log=None):
+    """CLIP's objective at the demo's size: the ViT's class token and the alt text's bag of words are
+    pulled together within a batch (symmetric InfoNCE, a learned temperature) on the world's own pool of
+    images (world.alt_text), none of which stage 1 or 2 sees. Like CLIP, the ViT learns what is in an
+    image, not where, nor which colour goes with which shape, nor the small text: what stage 1 of the
+    paper, which trains the ViT, can still teach it and a frozen ViT (LLaVA, MiniGPT-4) cannot learn."""
     torch.manual_seed(seed)
     vit = VisionTransformer(cfg)
     vit.init_weights()
-    heads = torch.nn.ModuleList(torch.nn.Linear(cfg.hidden_size, n) for n in
-                                (len(world.THINGS), len(world.WHATS), len(world.SIZES_OR_NOTHING)))
-    root = os.path.dirname(os.path.abspath(labels_file))
-    with open(labels_file) as f:
+    with open(alt_text_file) as f:
         rows = [json.loads(line) for line in f]
-    pixels = torch.stack([preprocess_image(load_image(os.path.join(root, r["image"])), cfg.image_size) for r in rows])
-    y = torch.tensor([r["cells"] for r in rows])  # (N, 4 cells, 3 attributes)
-    cells = torch.tensor(cell_patches(cfg))  # (4, patches per cell)
-    params = list(vit.parameters()) + list(heads.parameters())
+    pixels = read_images(rows, os.path.dirname(os.path.abspath(alt_text_file)), cfg.image_size)
+    texts = [r["text"] for r in rows]
+    tower = TextTower(sorted({w for t in texts for w in t.split()}), cfg.hidden_size)
+    head = torch.nn.Linear(cfg.hidden_size, cfg.hidden_size)  # CLIP's visual projection
+    log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+    params = list(vit.parameters()) + list(tower.parameters()) + list(head.parameters()) + [log_scale]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     g = torch.Generator().manual_seed(seed)
+    target = torch.arange(batch_size)
     bar = tqdm(range(steps), desc="pretrain ViT", dynamic_ncols=True, leave=False)
     for step in bar:
         warm = max(1, steps // 20)  # linear warm-up, then cosine to 0
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        idx = torch.randint(0, len(rows), (batch_size,), generator=g)
-        feats = vit(pixels[idx])  # (B, 1 + patches, C)
-        per_cell = feats[:, cells].mean(2)  # (B, 4, C)
-        loss = sum(torch.nn.functional.cross_entropy(h(per_cell).flatten(0, 1), y[idx][..., k].flatten())
-                   for k, h in enumerate(heads))
+        idx = torch.randperm(len(rows), generator=g)[:batch_size]
+        image = torch.nn.functional.normalize(head(vit(pixels[idx])[:, 0]), dim=-1)
+        text = torch.nn.functional.normalize(tower([texts[i] for i in idx.tolist()]), dim=-1)
+        logits = log_scale.exp().clamp(max=100) * image @ text.T  # (B images, B texts)
+        loss = (torch.nn.functional.cross_entropy(logits, target) +
+                torch.nn.functional.cross_entropy(logits.T, target)) / 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -220,3 +244,44 @@ def pretrain_vit(cfg: VisionConfig, labels_file, steps, batch_size, lr, seed, lo
         if log is not None:
             log.write(json.dumps({"step": step + 1, "loss": round(loss.item(), 5)}) + "\n")
     return vit.eval()
+
+
+@torch.no_grad()
+def probe_vit(vit: VisionTransformer, labels_file, steps=300):
+    """Linear probes of a ViT's features, fit on the stage-2 images and scored on the held-out ones:
+    per cell, what it holds (shape, word or nothing), the colour of its shape and its word, from the
+    mean of the cell's patch tokens; and where a given colour-shape pair is (which of the 4 cells), from
+    the class token, averaged over the 12 pairs. Held-out accuracies."""
+    with open(labels_file) as f:
+        rows = [json.loads(line) for line in f]
+    pixels = read_images(rows, os.path.dirname(os.path.abspath(labels_file)), vit.config.image_size)
+    feats = torch.cat([vit(pixels[i:i + 256]) for i in range(0, len(rows), 256)])  # (N, 1 + patches, C)
+    y = torch.tensor([r["cells"] for r in rows])  # (N, 4, 3): thing, colour or word, size
+    held = torch.tensor([os.path.basename(r["image"]).startswith("test_") for r in rows])  # (N,)
+    cells = feats[:, torch.tensor(cell_patches(vit.config))].mean(2)  # (N, 4, C)
+
+    def fit(x, target, keep, held):
+        (xa, ya), (xb, yb) = [(x[keep & m], target[keep & m]) for m in (~held, held)]
+        mu, sd = xa.mean(0), xa.std(0) + 1e-5
+        lin = torch.nn.Linear(x.shape[-1], int(target.max()) + 1)
+        opt = torch.optim.Adam(lin.parameters(), lr=1e-2, weight_decay=1e-4)
+        with torch.enable_grad():
+            for _ in range(steps):
+                loss = torch.nn.functional.cross_entropy(lin((xa - mu) / sd), ya)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return (lin((xb - mu) / sd).argmax(-1) == yb).float().mean().item()
+
+    thing, what = y[..., 0].flatten(), y[..., 1].flatten()
+    per_cell, held_cell = cells.flatten(0, 1), held.repeat_interleave(4)
+    shape, word = thing < len(world.SHAPES), thing == world.THINGS.index("word")
+    out = {"cell thing": fit(per_cell, thing, torch.ones_like(shape), held_cell),
+           "cell colour": fit(per_cell, what, shape, held_cell), "cell word": fit(per_cell, what, word, held_cell)}
+    where = []
+    for c in range(len(world.COLOURS)):
+        for sh in range(len(world.SHAPES)):
+            hit = (y[..., 0] == sh) & (y[..., 1] == c)  # (N, 4)
+            where.append(fit(feats[:, 0], hit.float().argmax(1), hit.any(1), held))
+    out["where a colour-shape pair is (class token)"] = sum(where) / len(where)
+    return {k: round(v, 3) for k, v in out.items()}

@@ -6,12 +6,15 @@ COYO, CC, COCO in the paper), multimodal instructions for stage 2 (LLaVA in the 
 colours, shapes, positions, existence, reading the scene text, multi-turn and two-image comparisons),
 text-only instructions for stage 2 (Alpaca/Vicuna/Baize in the paper: here questions about a scene
 described in words), and a text corpus on which stand_ins.py pretrains the tiny LLaMA that stands in
-for the pretrained LLM. Files are written in the formats train.py reads:
+for the pretrained LLM. files.py writes them in the formats train.py reads:
 
-  captions.jsonl          {"image": "images/train_00000.png", "caption": "..."}        (stage 1)
+  alt_text.jsonl          {"image": "images/clip_00000.png", "text": "red circle blue square"}  (the
+                          stand-in CLIP's own pretraining pool: web-like alt text, never a position)
+  captions.jsonl          {"image": "images/pretrain_00000.png", "caption": "..."}     (stage 1)
   instructions.jsonl      official mPLUG-Owl SFT JSONL {"image": [...], "text": "<template>"}  (stage 2)
   text_instructions.json  Alpaca [{"instruction", "input", "output"}]                   (stage 2)
-  test.json               held-out questions on held-out images (run.evaluate)
+  test.json               held-out questions on held-out images, each with its images' reference captions
+  labels.jsonl            per cell what it holds, for the stage-2 and test images (linear probes only)
   corpus.jsonl            {"text": caption or template conversation, "notes": [...]}  (the LLM's
                           pretraining text; each <image> is read as that image's notes, in words)
   tokenizer.model         sentencepiece BPE trained on all of the above with LLaMA's settings
@@ -19,17 +22,11 @@ for the pretrained LLM. Files are written in the formats train.py reads:
 A scene is a 2 x 2 grid of cells (a 56-px image is 2 x 2 ViT patches per cell); each cell holds at
 most one shape or one word, so every question has one short, unambiguous answer.
 """
-import io
-import json
-import os
-import random
 from dataclasses import dataclass, field
 
-import sentencepiece as spm
 from PIL import Image, ImageDraw, ImageFont
 
-from ..tokenizer import build_prompt, SYSTEM
-from ..train.data import to_template
+from ..tokenizer import build_prompt
 
 COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230), "yellow": (235, 200, 20)}
 SHAPES = ("circle", "square", "triangle")
@@ -113,6 +110,23 @@ def render(scene, size=56, rng=None):
 
 def describe(it):
     return f"a {it.size} {it.colour} {it.shape} at the {it.cell}"
+
+
+def alt_text(scene, rng):
+    """Alt text as the web writes it, the stand-in CLIP's text: some of the "colour shape" phrases in
+    random order, sometimes a size, never a position; "writing" half of the time there is scene text,
+    the word itself rarely. CLIP's text tower reads such text much as a bag of words (Yuksekgonul et
+    al., 2023), and ours is one (stand_ins.TextTower): what it can teach the ViT is what is present,
+    not where, nor which colour goes with which shape, nor what the small text says."""
+    words = []
+    for it in rng.sample(scene.items, rng.randint(1, len(scene.items))):
+        words += ([it.size] if rng.random() < 0.3 else []) + [it.colour, it.shape]
+    if scene.word and rng.random() < 0.5:
+        words += ["writing"] + ([scene.word] if rng.random() < 0.15 else [])
+    return " ".join(words)
+
+
+DESCRIBE = ("Describe this image.", "What is in the image?", "Describe the image.")
 
 
 def caption(scene):
@@ -223,6 +237,8 @@ def stand_in_documents(scene, rng):
     turns = [any_question(scene, rng)[1] for _ in range(rng.randint(4, 8))]  # many questions per read
     docs = [{"text": caption(scene), "notes": [note]},
             {"text": build_prompt([(1 if i == 0 else 0, q, a) for i, (q, a) in enumerate(turns)]), "notes": [note]}]
+    if rng.random() < 0.3:  # asked to describe it, the caption (chat's first question)
+        docs.append({"text": build_prompt([(1, rng.choice(DESCRIBE), caption(scene))]), "notes": [note]})
     other = random_scene(rng, p_word=0.8)
     qa = compare(scene, other, rng)
     if qa and rng.random() < 0.5:
@@ -230,103 +246,9 @@ def stand_in_documents(scene, rng):
     return docs
 
 
-# ----------------------------------------------------------------------------- the files
-
-def write_world(out_dir, n_train=3000, n_test=120, n_text=1500, image_size=56, seed=0, questions_per_type=40,
-                vocab_size=1024, n_corpus=4000):
-    """Write the whole world under out_dir; returns {name: path}. Deterministic for a seed."""
-    rng = random.Random(seed)
-    img_dir = os.path.join(out_dir, "images")
-    os.makedirs(img_dir, exist_ok=True)
-
-    def make(split, n):
-        scenes = []
-        for i in range(n):
-            s = random_scene(rng)
-            name = f"images/{split}_{i:05d}.png"
-            render(s, image_size, rng).save(os.path.join(out_dir, name))
-            scenes.append((name, s))
-        return scenes
-
-    train, test = make("train", n_train), make("test", n_test)
-    captions = [{"image": name, "caption": caption(s)} for name, s in train]
-
-    # stage-2 multimodal instructions: a conversation of 1 to 5 questions per training image (as
-    # LLaVA's are multi-turn; every answer is a target, so a conversation teaches more per token than
-    # a single question), and two-image comparisons
-    sft = []
-    for name, s in train:
-        turns = [any_question(s, rng)[1] for _ in range(rng.randint(1, 6))]
-        sft.append({"image": [name], "text": build_prompt([(1 if i == 0 else 0, q, a) for i, (q, a) in enumerate(turns)]),
-                    "task_type": "multiturn" if len(turns) > 1 else "single"})
-    for _ in range(n_train // 4):
-        (na, a), (nb, b) = rng.sample(train, 2)
-        qa = compare(a, b, rng)
-        if qa:
-            sft.append({"image": [na, nb], "text": build_prompt([(2, *qa)]), "task_type": "compare"})
-    rng.shuffle(sft)
-    text_only = [text_instruction(random_scene(rng), rng) for _ in range(n_text)]
-
-    tests = held_out_questions(test, rng, questions_per_type)
-    # The LLM's pretraining text: captions of and conversations about other scenes, their notes in the
-    # image slots. (A real LLaMA knows language, not this world; ours must learn the world's words somewhere.)
-    # Scene text is written in 80% of these scenes (50% of the images): each of the eight words is
-    # then frequent enough for a tiny LLM to learn to copy it (at 50% it barely learns to).
-    corpus = [d for _ in range(n_corpus) for d in stand_in_documents(random_scene(rng, p_word=0.8), rng)]
-    rng.shuffle(corpus)
-
-    paths = {k: os.path.join(out_dir, f) for k, f in
-             (("captions", "captions.jsonl"), ("labels", "labels.jsonl"), ("instructions", "instructions.jsonl"),
-              ("text_instructions", "text_instructions.json"), ("test", "test.json"),
-              ("corpus", "corpus.jsonl"), ("tokenizer", "tokenizer.model"))}
-    write_jsonl(paths["captions"], captions)
-    write_jsonl(paths["labels"], [{"image": name, "cells": cell_labels(s)} for name, s in train])
-    write_jsonl(paths["instructions"], sft)
-    with open(paths["text_instructions"], "w") as f:
-        json.dump(text_only, f, indent=0)
-    with open(paths["test"], "w") as f:
-        json.dump(tests, f, indent=1)
-    write_jsonl(paths["corpus"], corpus)
-    tok_text = [c["caption"] for c in captions] + [e["text"] for e in sft] + [d["text"] for d in corpus]
-    tok_text += [n for d in corpus for n in d["notes"]]
-    tok_text += [to_template("alpaca", e)[0] for e in text_only] + [SYSTEM]  # as train.py reads them
-    train_tokenizer(tok_text, paths["tokenizer"], vocab_size)
-    return paths
-
-
-def held_out_questions(test, rng, per_type):
-    """Balanced held-out questions: per_type of each kind; prompts as build_prompt turns."""
-    out = []
-    for kind in QUESTION_TYPES:
-        n, tries = 0, 0
-        while n < per_type and tries < 100 * per_type:  # a tiny test set may have no word at all
-            tries += 1
-            if kind == "compare":
-                (na, a), (nb, b) = rng.sample(test, 2)
-                qa = compare(a, b, rng)
-                if qa:
-                    out.append({"type": kind, "images": [na, nb], "turns": [[2, qa[0], None]], "answer": qa[1],
-                                "notes": [notes(a), notes(b)]})
-                    n += 1
-                continue
-            name, s = rng.choice(test)
-            if kind == "multiturn":  # the answer of the last turn is scored; earlier answers are given
-                (q1, a1), (q2, a2) = any_question(s, rng)[1], any_question(s, rng)[1]
-                out.append({"type": kind, "images": [name], "turns": [[1, q1, a1], [0, q2, None]], "answer": a2,
-                            "notes": [notes(s)]})
-                n += 1
-                continue
-            qa = question(s, kind, rng)
-            if qa:
-                out.append({"type": kind, "images": [name], "turns": [[1, qa[0], None]], "answer": qa[1],
-                            "notes": [notes(s)]})
-                n += 1
-    return out
-
-
 def cell_labels(scene):
     """Per cell (reading order): [thing, colour or word, size] as class indices into THINGS, WHATS,
-    SIZES_OR_NOTHING: the labels stand_ins.py pretrains its stand-in for CLIP on."""
+    SIZES_OR_NOTHING (the notes' words; the linear probes' targets)."""
     out = []
     for cell in CELLS:
         it = next((it for it in scene.items if it.cell == cell), None)
@@ -337,26 +259,3 @@ def cell_labels(scene):
         else:
             out.append([THINGS.index("nothing"), WHATS.index("nothing"), SIZES_OR_NOTHING.index("nothing")])
     return out
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-
-
-def train_tokenizer(texts, model_file, vocab_size=512):
-    """A sentencepiece BPE model with LLaMA's settings: byte fallback (256 byte pieces), digits split,
-    unk=0 bos=1 eos=2 and no pad. The vocabulary is small because the world's language is."""
-    lines = [t for t in texts if t.strip()]  # whole documents: "\nHuman:" is learned as it appears
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
-        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        character_coverage=0.99995, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, add_dummy_prefix=True, hard_vocab_limit=False,
-        num_threads=1, minloglevel=2, max_sentence_length=4096)
-    tmp = model_file + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, model_file)

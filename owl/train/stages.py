@@ -8,6 +8,8 @@
            v_proj) trained LoRA only: `train_abstractor=False` (train.py --freeze-abstractor) does that.
   stage 2, full fine-tuning (`full=True`, train.py --full-finetune; the released `-ft` model): the
            whole of fL and fK train, no LoRA; fV frozen. Sharded over the processes: fsdp.py.
+  stage 1 with `train_vision=False` (train.py --freeze-vision): fK only, fV frozen as well: the
+           LLaVA / MiniGPT-4 recipe, the control the demo's ablation compares the paper's against.
 
 Frozen weights get requires_grad False, hence no gradient and no optimizer state. Also here: what
 stage 1 starts from, the precision of frozen weights, AdamW parameter groups and the --dropout switch.
@@ -27,11 +29,12 @@ NO_DECAY = ("query_tokens", "abstractor.vit_eos", "vision_model.embeddings.cls_t
             "vision_model.embeddings.position_embedding")
 
 
-def set_trainable(model, stage, train_abstractor=True, full=False):
+def set_trainable(model, stage, train_abstractor=True, full=False, train_vision=True):
     """requires_grad per stage; returns the names of the trainable parameters."""
     if stage == 1:
         for name, p in model.named_parameters():
-            p.requires_grad_(not name.startswith("language_model."))
+            frozen = ("language_model.",) if train_vision else ("language_model.", "vision_model.")
+            p.requires_grad_(not name.startswith(frozen))
     elif full:
         for name, p in model.named_parameters():
             llm, vit = name.startswith("language_model."), name.startswith("vision_model.")

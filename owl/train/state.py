@@ -250,14 +250,14 @@ def recover_checkpoint(ckpt_dir, log=print):
 # where it changes the result (MEANINGFUL); batch, accumulation and processes are warned about in resume.
 EXACT = ("stage", "data", "init", "vision_init", "llm_init", "num_queries", "abstractor_layers", "abstractor_hidden",
          "abstractor_heads", "abstractor_mlp", "lora_r", "lora_alpha", "lora_targets", "freeze_abstractor",
-         "max_length", "image_root", "seed", "eval_examples", "eval_every", "full_finetune")
+         "freeze_vision", "max_length", "image_root", "seed", "eval_examples", "eval_every", "full_finetune")
 MEANINGFUL = ("lr", "min_lr", "vision_lr", "warmup_steps", "weight_decay", "grad_clip", "dropout", "lora_dropout",
               "max_steps", "precision", "shuffle_buffer")
 
 
 def _norm(key, v):
-    if v is None:
-        return None
+    if v is None:  # a flag newer than the checkpoint: its absence there meant the default
+        return {"freeze_vision": False}.get(key)
     if key == "data":
         return [os.path.abspath(f) for f in v.split(",")]
     if key in ("init", "vision_init", "llm_init", "image_root"):
