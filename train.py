@@ -6,7 +6,7 @@
   torchrun --nproc_per_node 8 train.py ...            # data parallel, NCCL on GPUs, gloo on CPUs
   torchrun --nproc_per_node 8 train.py --stage 2 --full-finetune ...   # the whole LLM, sharded (FSDP2)
   python train.py --check-data --init s1 --data ...   # validate the data, no training
-  python train.py --demo OUT                          # the whole method on a CPU in minutes (owl/demo/)
+  python train.py --demo OUT [--ablation] [--seed S]  # the whole method on a CPU in minutes (owl/demo/)
 
 The loss is the sum of cross-entropy over target tokens divided by the number of target tokens in
 the whole optimizer step (all micro-batches, all processes), so batch B, accumulation and N processes
@@ -84,8 +84,7 @@ def parse_args(argv):
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--lora-targets", default="q_proj,v_proj")
     p.add_argument("--freeze-abstractor", action="store_true", help="stage 2: LoRA only (the released script)")
-    p.add_argument("--freeze-vision", action="store_true", help="stage 1: the abstractor only, the ViT frozen "
-                   "(LLaVA, MiniGPT-4)")
+    p.add_argument("--freeze-vision", action="store_true", help="stage 1: the abstractor only (LLaVA, MiniGPT-4)")
     p.add_argument("--full-finetune", action="store_true", help="stage 2: LLM + abstractor, no LoRA (FSDP2 if torchrun)")
     p.add_argument("--num-queries", "--num-query-tokens", type=int, default=64, help="stage 1 abstractor")
     p.add_argument("--abstractor-layers", type=int, default=6)
@@ -104,7 +103,7 @@ def parse_args(argv):
             "0 <= --seed < 2**63": 0 <= args.seed < 2**63, "--num-queries, --abstractor-*, --lora-r >= 1": min(sizes) > 0,
             "--shuffle-buffer >= 1": args.shuffle_buffer >= 1, "--seeds >= 1": args.seeds >= 1,
             "--full-finetune with --stage 2 (not 1)": not (args.full_finetune and args.stage == 1),
-            "--freeze-vision with --stage 1 (stage 2 freezes the ViT anyway)": not (args.freeze_vision and args.stage == 2)}
+            "--freeze-vision with --stage 1 (not 2)": not (args.freeze_vision and args.stage == 2)}
     if not all(need.values()):  # one line, before anything is read
         raise TrainError(f"need {'; '.join(k for k, ok in need.items() if not ok)} (train.py --help lists the options)")
     args.lr = args.lr if args.lr is not None else (1e-4 if args.stage == 1 else 2e-5)
@@ -172,8 +171,7 @@ def main(argv=None):
     """Parse argv, run, and return the output directory (stage 1/2, --demo) or None (--check-data)."""
     args = parse_args(argv)
     if args.demo:
-        # the demo trains through this very main
-        return run_demo(args.demo, main, ablation=args.ablation, seed=args.seed, seeds=args.seeds)
+        return run_demo(args.demo, main, ablation=args.ablation, seed=args.seed, seeds=args.seeds)  # through this main
     if args.check_data:
         tok, max_length, cfg = data_setup(args)
         if shards := shard_files(args.data):
@@ -238,8 +236,7 @@ def train(args, ckpt_dir, lock=None):
     dataset, batches = (data, data.batches(worker_init_fn=worker_init(lock))) if shards else step_batches(
         train_ex, image_size=image_size, batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.max_steps,
         seed=args.seed, rank=rank, world=world, start_step=start, workers=workers, worker_init_fn=worker_init(lock))
-    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master,
-               dynamic_ncols=True)
+    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, disable=not master, dynamic_ncols=True)
     bad_seen, seen = 0, 0
     with StopSignals() as stop:  # Ctrl-C / SIGTERM: save after the step in progress, then stop
         for step in bar:
@@ -264,7 +261,6 @@ def train(args, ckpt_dir, lock=None):
             if not math.isfinite(loss):
                 raise TrainError(f"step {step + 1}: the loss is {loss}; stopped before saving anything "
                                  f"({last_saved(ckpt_dir)})")
-
             done = step + 1
             tokens = sum(mb["input_ids"].numel() for mb in micro) * world
             tps = tokens / max(time.time() - t0, 1e-9)  # padded tokens, image slots included
