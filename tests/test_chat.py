@@ -216,6 +216,9 @@ def test_ctrl_c_stops_the_answer_and_the_session_goes_on(owl_model):
                 sent.append(1)
                 os.kill(os.getpid(), signal.SIGINT)
         return on_text
+    # the handler ctrl_c_stops must put back: Python's own, or SIG_IGN when this process was started in
+    # the background with Ctrl-C ignored (`cmd &` in a non-interactive shell)
+    before = signal.getsignal(signal.SIGINT)
     try:
         s.add_image(IMG[0])
         with chat.ctrl_c_stops(s):
@@ -223,7 +226,7 @@ def test_ctrl_c_stops_the_answer_and_the_session_goes_on(owl_model):
         assert a1.stopped_by == "interrupt" and 1 <= len(a1.ids) < 40
         with pytest.raises(KeyboardInterrupt), chat.ctrl_c_stops(s):
             s.ask("Tell me more.", on_text=ctrl_c(2))  # twice: the answer is dropped at once
-        assert len(s.turns) == 1 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert len(s.turns) == 1 and signal.getsignal(signal.SIGINT) is before
         a3 = s.ask("Why?")  # the cache is still consistent: equals a from-scratch run
     finally:
         s.close()
