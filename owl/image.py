@@ -36,30 +36,29 @@ def to_8bit(image):
     return Image.fromarray(np.round(a * (255.0 / scale)).clip(0, 255).astype(np.uint8), "L")
 
 
-def load_image(path):
-    """Open an image file fully (so a truncated file fails here, naming the file), as 8-bit RGB."""
+def load_image(path, name=None):
+    """Open an image file fully (so a truncated file fails here, naming the file), as 8-bit RGB.
+    path may be an open binary file; `name` is then what an error calls it."""
+    path_name = path if name is None else name
     try:
         with Image.open(path) as im:
             im.load()
             return to_8bit(im).convert("RGB")
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such image file") from None
+        raise ImageError(f"{path_name}: no such image file") from None
     except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not an image") from None
+        raise ImageError(f"{path_name}: is a directory, not an image") from None
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: refused, too many pixels ({e})") from None
+        raise ImageError(f"{path_name}: refused, too many pixels ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{path}: cannot read image ({e})") from None
+        reason = str(e).replace(f" {path!r}", "").replace(f" {path}", "")  # Pillow names the file too: once is enough
+        raise ImageError(f"{path_name}: cannot read image ({reason})") from None
 
 
 def decode_image(data, name):
-    """An image from the bytes of a file (a tar member, a base64 field), as load_image does it; an
-    error names `name` instead of the in-memory file."""
-    buf = io.BytesIO(data)
-    try:
-        return load_image(buf)
-    except ImageError as e:
-        raise ImageError(str(e).replace(f"{buf}: ", f"{name}: ", 1).replace(f" {buf}", "")) from None
+    """An image from the bytes of a file (a tar member, a base64 field), as load_image reads it; an
+    error names `name`."""
+    return load_image(io.BytesIO(data), name)
 
 
 def preprocess_image(image, size):

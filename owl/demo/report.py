@@ -23,10 +23,9 @@ ROWS = (("stage1_only", "stage 1 only (no instruction tuning)"),
         ("both", "both stages (the method)"))
 
 
-def correct_matrix(runs, keep=None):
-    """(seeds, questions) 0/1 of one arm's runs, the questions in test.json's order (keep: a mask)."""
-    m = torch.tensor([[float(a["correct"]) for a in r["answers"]] for r in runs], dtype=torch.float64)
-    return m if keep is None else m[:, keep]
+def correct_matrix(runs):
+    """(seeds, questions) 0/1 of one arm's runs, the questions in test.json's order."""
+    return torch.tensor([[float(a["correct"]) for a in r["answers"]] for r in runs], dtype=torch.float64)
 
 
 def paired_ci(arm, both, n_boot=4000, seed=0):
@@ -155,14 +154,15 @@ def write_report(out, d, results, ceiling, probes, captions, runs, times):
           f"The second row is a ceiling: the pretrained stand-in LLM alone ({pct(ceiling['accuracy'])}), "
           "given each image's notes as text where the visual tokens go.", ""]
     if len(results) > 1:
-        def cell(r, t=None):
+        def cell(k, t=None):  # an arm's accuracy, and but for both its interval against both
+            r = ablation[k]
             v = r["accuracy"] if t is None else r["per_type"][t]
             lo, hi = r["ci95_vs_both"] if t is None else r["ci95_vs_both_per_type"][t]
-            return pct(v) if r is acc else f"{pct(v)} ({100 * lo:+.0f}, {100 * hi:+.0f})"
+            return pct(v) if k == "both" else f"{pct(v)} ({100 * lo:+.0f}, {100 * hi:+.0f})"
         md += ["## Ablation (the paper's Table 2, on this world)", "",
                "In brackets: the 95% paired bootstrap interval of the arm minus both stages, in points.", "",
                "| variant | all | " + " | ".join(types) + " |", "|---" * (len(types) + 2) + "|"]
-        md += [f"| {label} | {cell(ablation[k])} | " + " | ".join(cell(ablation[k], t) for t in types) + " |"
+        md += [f"| {label} | {cell(k)} | " + " | ".join(cell(k, t) for t in types) + " |"
                for k, label in ROWS if k in ablation]
         md += ["", "Stage 1 only is the aligned ViT and abstractor with the stand-in LLM as pretrained (it knows "
                "the chat template from its text about scenes), never instruction-tuned on images; stage 2 only "

@@ -12,6 +12,7 @@ from .fsdp import with_dummy_image
 from .parallel import all_sum
 from .stages import train_mode
 
+
 def step_batches(examples, *, image_size, batch_size, grad_accum, max_steps, seed, rank, world, start_step, workers,
                  worker_init_fn=None):
     """(the dataset, this rank's endless micro-batches from start_step) through a DataLoader (StepBatches)."""
