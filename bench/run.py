@@ -22,21 +22,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 import owl  # noqa: E402
-from owl.config import AbstractorConfig, LlamaConfig, OwlConfig, VisionConfig  # noqa: E402
 from owl.generate import compiled_decode_one_token, decode_one_token, generate_tokens, prefill  # noqa: E402
 from owl.quant import quantize_int8, weight_bytes  # noqa: E402
 from harness import (bandwidth_gbs, build, hf_twin, paired, print_table, race, set_threads,  # noqa: E402
                      transformers)
 
-SHAPES = {  # the LLM; the ViT + abstractor only matter for time to first token
-    "57m": OwlConfig(
-        vision_config=VisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
-        visual_abstractor_config=AbstractorConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=2,
-                                                  num_attention_heads=4, encoder_hidden_size=256),
-        text_config=LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                                num_attention_heads=8, max_position_embeddings=2048)),
-    "7b": OwlConfig(),  # ViT-L/14, the 6-layer abstractor, LLaMA-7B
-}
+SHAPES = {"57m": owl.preset("57m"), "7b": owl.preset("owl-7b")}  # the ViT + abstractor matter for the first token
 PROMPT, NEW, BATCH = 64, 128, 8
 
 
@@ -89,7 +80,7 @@ def int8_quality(model, q, ids, ref_ids):
 
 
 def fixture_quality(lm_head):
-    """The same numbers on the tiny reference checkpoint's four cases (as tests/test_speed.py asserts)."""
+    """The same numbers on the tiny reference checkpoint's four cases (as tests/test_batching_int8.py asserts)."""
     ref = os.path.join(ROOT, "tests", "fixtures", "reference")
     model, tok = owl.load_model(os.path.join(ref, "mplug_owl"))
     q = quantize_int8(copy.deepcopy(model), lm_head=lm_head)

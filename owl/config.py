@@ -164,6 +164,13 @@ PRESETS = {
         text_config=LlamaConfig(vocab_size=1000, hidden_size=96, intermediate_size=256, num_hidden_layers=2,
                                 num_attention_heads=4, max_position_embeddings=512),
         num_query_tokens=64),
+    # 57M parameters with LLaMA-7B's vocabulary: bench/run.py's CPU decode rows and the memory tests.
+    "57m": OwlConfig(
+        vision_config=VisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
+        visual_abstractor_config=AbstractorConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                                                  num_attention_heads=4, encoder_hidden_size=256),
+        text_config=LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                                num_attention_heads=8, max_position_embeddings=2048)),
 }
 
 

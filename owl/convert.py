@@ -1,6 +1,8 @@
-"""Convert a released mPLUG-Owl checkpoint (PyTorch .bin shards) to safetensors.
+"""Model folders in other forms: the release's PyTorch .bin shards to safetensors, and a stage-2
+adapter folded into its base model.
 
-    python -m owl.convert SRC_DIR DST_DIR
+    python -m owl.convert SRC_DIR DST_DIR                                       # .bin -> safetensors
+    python -m owl.convert merge BASE_DIR ADAPTER_FILE OUT_DIR [--ignore-adapter-base]
 
 The release (MAGAer13/mplug-owl-llama-7b, -pt, -ft) ships `pytorch_model*.bin` pickles. They are read
 with torch.load(weights_only=True, mmap=True): tensors only, never arbitrary code, and one shard at
@@ -9,7 +11,9 @@ model.safetensors.index.json when there are several); the RoPE `inv_freq` buffer
 are not weights); config, tokenizer and other files are copied. The result is checked against the
 model the config describes and read back tensor by tensor, and only then moved into place.
 DST must not exist, or hold only what this conversion writes (an earlier run of it); DST == SRC and
-a DST holding anything else are refused before anything is read.
+a DST holding anything else are refused before anything is read. merge checks the adapter against
+its base (adapter.json's sha256) and writes a plain model folder (owl.save_model): chat it without
+--adapter, or continue training from it.
 """
 import json
 import os
@@ -17,11 +21,13 @@ import shutil
 import sys
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .weights import CheckpointError, IGNORED, atomic_dir, check_destination, check_keys, load_config, read_index
+from .adapter import apply_adapter, check_adapter_base, read_adapter_meta
+from .fileio import atomic_dir, check_destination, read_safetensors
+from .lora import merge_lora
 from .model import MplugOwl
+from .weights import IGNORED, WeightsError, check_keys, load_config, load_model, read_index, save_model
 
 
 def bin_shards(src):
@@ -30,7 +36,7 @@ def bin_shards(src):
         return read_index(index)
     shards = sorted(f for f in os.listdir(src) if f.startswith("pytorch_model") and f.endswith(".bin"))
     if not shards:
-        raise CheckpointError(f"{src}: no pytorch_model*.bin weights to convert")
+        raise WeightsError(f"{src}: no pytorch_model*.bin weights to convert")
     return shards
 
 
@@ -38,22 +44,22 @@ def read_bin(path):
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a pickle with code in it, or a corrupt file
-        raise CheckpointError(f"{path}: cannot load as plain tensors ({str(e).splitlines()[0][:200]})") from None
+        raise WeightsError(f"{path}: cannot load as plain tensors ({str(e).splitlines()[0][:200]})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: not a state dict of tensors")
+        raise WeightsError(f"{path}: not a state dict of tensors")
     return {k: v for k, v in sd.items() if not IGNORED.match(k)}
 
 
 def convert(src, dst):
     if not os.path.isdir(src):
-        raise CheckpointError(f"{src}: no such directory")
+        raise WeightsError(f"{src}: no such directory")
     cfg = load_config(src)  # fails early on a directory that is not an mPLUG-Owl checkpoint
     shards = bin_shards(src)
     names = ([f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
              if len(shards) > 1 else ["model.safetensors"])
     copied = [f for f in os.listdir(src) if not (f.endswith(".bin") or f == "pytorch_model.bin.index.json")
               and os.path.isfile(os.path.join(src, f))]  # config, tokenizer, preprocessor config, ...
-    check_destination(dst, copied + names + ["model.safetensors.index.json"], sources=(src,))
+    check_destination(dst, copied + names + ["model.safetensors.index.json"], sources=(src,), error=WeightsError)
 
     def write(tmp):
         for f in copied:
@@ -67,11 +73,10 @@ def convert(src, dst):
                 out[k] = v.clone() if ptr in seen else v.contiguous()
                 seen.add(ptr)
             save_file(out, os.path.join(tmp, name), metadata={"format": "pt"})
-            with safe_open(os.path.join(tmp, name), framework="pt") as f:  # read back, tensor by tensor
-                for k in f.keys():
-                    if not torch.equal(f.get_tensor(k), sd[k]):
-                        raise CheckpointError(f"{name}: {k} differs after conversion")
-                    weight_map[k], shapes[k] = name, sd[k].shape
+            for k, t in read_safetensors(os.path.join(tmp, name), error=WeightsError):  # read back, one by one
+                if not torch.equal(t, sd[k]):
+                    raise WeightsError(f"{name}: {k} differs after conversion")
+                weight_map[k], shapes[k] = name, sd[k].shape
             del sd, out
         if len(names) > 1:
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
@@ -83,12 +88,34 @@ def convert(src, dst):
     return names
 
 
+MERGED = ("config.json", "model.safetensors", "tokenizer.model")  # what merge writes (owl.save_model)
+
+
+def merge(base, adapter, out, ignore_base=False):
+    """BASE + ADAPTER -> OUT, a plain model folder; everything is checked before the model is read,
+    and OUT is never the base or the adapter's folder."""
+    check_destination(out, MERGED, sources=(base, os.path.dirname(os.path.abspath(adapter))), error=WeightsError)
+    read_adapter_meta(adapter) if ignore_base else check_adapter_base(adapter, base)
+    model, _ = load_model(base, dtype=None)
+    apply_adapter(model, adapter)
+    merge_lora(model)
+    save_model(model, out, tokenizer_dir=base)
+
+
 def main(argv):
-    if len(argv) != 2:
-        sys.exit("usage: python -m owl.convert SRC_DIR DST_DIR")
-    try:
+    try:  # OSError: e.g. the disk filled up while writing DST.tmp
+        if argv[:1] == ["merge"]:
+            args = [a for a in argv[1:] if a != "--ignore-adapter-base"]
+            if len(args) != 3:
+                sys.exit("usage: python -m owl.convert merge BASE_DIR ADAPTER_FILE OUT_DIR [--ignore-adapter-base]")
+            merge(*args, ignore_base="--ignore-adapter-base" in argv)
+            print(f"merged {args[1]} into {args[0]} -> {args[2]}")
+            return
+        if len(argv) != 2:
+            sys.exit("usage: python -m owl.convert SRC_DIR DST_DIR\n"
+                     "       python -m owl.convert merge BASE_DIR ADAPTER_FILE OUT_DIR [--ignore-adapter-base]")
         names = convert(*argv)
-    except (CheckpointError, OSError) as e:  # OSError: e.g. the disk filled up while writing DST.tmp
+    except (WeightsError, OSError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {len(names)} safetensors file(s) to {argv[1]}; verified against the config's model")
 

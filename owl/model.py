@@ -77,3 +77,9 @@ def lm_loss_sum(logits, labels):
     keep = labels != IGNORE  # (B, T-1)
     loss = F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
     return loss, int(keep.sum())
+
+
+def target_count(labels):
+    """The positions lm_loss_sum counts (its shift: a label at t is predicted from t-1), known before
+    any forward: what train.py divides a step's loss sum by."""
+    return int((labels[:, 1:] != IGNORE).sum())

@@ -1,7 +1,7 @@
 """fV, the vision foundation model: a CLIP ViT-L/14 (paper, "Model Settings").
 
 Matches the official `MplugOwlVisionModel` and uses its parameter names, so the official checkpoint
-loads with an identity key map (owl/checkpoint.py maps HF CLIP's names onto these). Read bottom-up:
+loads with an identity key map (owl/weights.py maps HF CLIP's names onto these). Read bottom-up:
 attention, MLP, block, then the transformer with a shape comment on every line, as in openai/CLIP.
 Departures from HF CLIP, both from the official code: q/k/v are one fused `query_key_value`
 projection, interleaved per head; the LayerNorm eps is the config's (1e-6, CLIP's is 1e-5); and the

@@ -4,13 +4,14 @@
      the official mPLUG-Owl vision names, with q/k/v fused per head into `query_key_value`.
   2. HF LLaMA (`config.json` + `model.safetensors`, or shards + `model.safetensors.index.json`).
   3. The official mPLUG-Owl layout (`vision_model.*`, `query_tokens`, `abstractor.*`,
-     `language_model.*`); our own checkpoints are written in it, so the official code reads them.
+     `language_model.*`); our own model folders are written in it, so the official code reads them.
 
 Every load builds the model on the meta device and assigns the tensors it read (gpt-fast), so the
-weights are never held twice; they stay in the checkpoint's dtype unless a dtype is asked for. A load
-raises on missing, unexpected or mis-shaped keys and names them: there is no partial load.
-("Checkpoint" in this project means train.py's resumable training state, owl/train/state.py; a
-folder of weights is a model folder.)
+weights are never held twice; they stay in the files' dtype unless a dtype is asked for. A load
+raises on missing, unexpected or mis-shaped keys and names them: there is no partial load. (A folder
+of weights is a model folder; "checkpoint" means train.py's resumable state, owl/train/state.py.)
+Stage 2's adapter files are adapter.py; converting the release's .bin files and merging an adapter
+into a model folder are convert.py.
 """
 import json
 import os
@@ -20,95 +21,75 @@ import sys
 from collections import Counter
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .config import OwlConfig, VisionConfig, LlamaConfig, from_dict
-from .model import MplugOwl
-from .vision import VisionTransformer
+from .fileio import atomic_dir, read_json, read_safetensors
 from .llama import Llama
+from .model import MplugOwl
 from .tokenizer import Tokenizer
+from .vision import VisionTransformer
 
 
-class CheckpointError(ValueError):
-    pass
+class WeightsError(ValueError):
+    """A model folder (or adapter) that cannot be loaded: chat, eval and train print it as one line."""
 
 
 # ----------------------------------------------------------------------------- reading files
 
 def weight_files(path):
-    """The safetensors files of a checkpoint directory (sharded or not)."""
+    """The safetensors files of a model folder (sharded or not)."""
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: no such checkpoint directory")
+        raise WeightsError(f"{path}: no such model folder")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         files = read_index(index)
         missing = [s for s in files if not os.path.isfile(os.path.join(path, s))]
         if missing:
-            raise CheckpointError(f"{index} names shards that are missing: {', '.join(missing[:3])}")
+            raise WeightsError(f"{index} names shards that are missing: {', '.join(missing[:3])}")
         return [os.path.join(path, s) for s in files]
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors") and not f.startswith("adapter"))
     if files:
         return [os.path.join(path, f) for f in files]
     if any(f.endswith(".bin") for f in os.listdir(path)):
-        raise CheckpointError(f"{path} holds PyTorch .bin weights: convert them first with "
-                              f"`python -m owl.convert {path} OUT_DIR`")
-    raise CheckpointError(f"{path}: no weights (*.safetensors) in this directory")
+        raise WeightsError(f"{path} holds PyTorch .bin weights: convert them first with "
+                           f"`python -m owl.convert {path} OUT_DIR`")
+    raise WeightsError(f"{path}: no weights (*.safetensors) in this directory")
 
 
-def read_weights(files, keep=lambda k: True, dtype=None, device="cpu", progress=False):
+def read_weights(files, keep=None, dtype=None, device="cpu", progress=False):
     """{name: tensor} of the safetensors files for the kept names, converted tensor by tensor (floating
     ones only) so that at most one extra tensor is alive at any time. progress: a tqdm bar on stderr."""
     out = {}
     with tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True, desc="loading weights",
               file=sys.stderr, disable=not progress, leave=False) as bar:  # (closed, its line cleared, on an error too)
         for file in files:
-            try:
-                with safe_open(file, framework="pt", device="cpu") as f:
-                    for k in f.keys():
-                        if keep(k):
-                            t = f.get_tensor(k)
-                            bar.update(t.nbytes)
-                            if dtype is not None and t.is_floating_point():
-                                t = t.to(dtype)
-                            out[k] = t.to(device)
-            except Exception as e:  # a truncated or corrupt file
-                raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
+            for k, t in read_safetensors(file, keep, WeightsError):
+                bar.update(t.nbytes)
+                out[k] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).to(device)
     return out
-
-
-def read_json(file, what="a JSON object"):
-    """A JSON object from file; anything else (invalid JSON, a list, binary bytes) stops here, naming the file."""
-    try:
-        with open(file, encoding="utf-8") as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{file}: not {what} (it holds a JSON {type(d).__name__})")
-    return d
 
 
 def read_index(file):
     """The shard names of a *.index.json (HF's sharded layout), checked."""
-    wm = read_json(file).get("weight_map")
+    wm = read_json(file, WeightsError).get("weight_map")
     if isinstance(wm, dict) and all(isinstance(v, str) for v in wm.values()):
         return sorted(set(wm.values()))
-    raise CheckpointError(f"{file}: no weight_map of tensor name -> shard file")
+    raise WeightsError(f"{file}: no weight_map of tensor name -> shard file")
 
 
 def read_config(path):
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: no such checkpoint directory")
+        raise WeightsError(f"{path}: no such model folder")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise CheckpointError(f"{path}: no config.json")
-    return read_json(os.path.join(path, "config.json"), "a model config")
+        raise WeightsError(f"{path}: no config.json")
+    return read_json(os.path.join(path, "config.json"), WeightsError, "a model config")
 
 
 # ----------------------------------------------------------------------------- key maps
 
-IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # a RoPE buffer some checkpoints carry; not a weight
+IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # a RoPE buffer some releases carry; not a weight
 
 # HF CLIP vision tower -> official mPLUG-Owl vision names ({} is the layer index). q/k/v are fused below.
 HF_CLIP = {
@@ -161,16 +142,16 @@ def map_hf_clip(sd, cfg: VisionConfig):
         for kind in ("weight", "bias"):
             parts = [qkv.get((layer, p, kind)) for p in "qkv"]
             if any(p is None for p in parts):
-                raise CheckpointError(f"HF CLIP layer {layer}: q/k/v {kind} incomplete, cannot fuse")
+                raise WeightsError(f"HF CLIP layer {layer}: q/k/v {kind} incomplete, cannot fuse")
             # official layout: rows grouped per head as [q_h; k_h; v_h]
             fused = torch.stack([p.reshape(nh, C // nh, *p.shape[1:]) for p in parts], dim=1)  # (nh, 3, hs, ...)
             out[f"encoder.layers.{layer}.self_attn.query_key_value.{kind}"] = fused.reshape(3 * C, *parts[0].shape[1:])
     return out
 
 
-def map_official(sd):
-    """Official mPLUG-Owl or HF LLaMA state dict -> our names: both layouts use our names already
-    (the classes are named after them), so this only drops the RoPE buffers some checkpoints carry."""
+def drop_rope_buffers(sd):
+    """Official mPLUG-Owl or HF LLaMA state dict -> ours: both layouts use our names already (the
+    classes are named after them), so there is no key map; only the RoPE buffers some carry go."""
     return {k: v for k, v in sd.items() if not IGNORED.match(k)}
 
 
@@ -200,7 +181,7 @@ def check_keys(want, got, source):
             lines.append(f"  mis-shaped {len(shapes)}: {'; '.join(shapes[:4])}")
         hints = {h for p, h in HINTS.items() for k in unexpected if k.startswith(p)}
         lines += [f"  hint: {h}" for h in sorted(hints)]
-        raise CheckpointError("\n".join(lines))
+        raise WeightsError("\n".join(lines))
 
 
 def load_checked(module, sd, source):
@@ -210,7 +191,7 @@ def load_checked(module, sd, source):
     ints = [f"{k} ({str(v.dtype).replace('torch.', '')})" for k, v in sd.items()
             if want[k].is_floating_point() and not v.is_floating_point()]
     if ints:
-        raise CheckpointError(f"{source}: {len(ints)} tensor(s) are not floating point: {', '.join(ints[:4])}")
+        raise WeightsError(f"{source}: {len(ints)} tensor(s) are not floating point: {', '.join(ints[:4])}")
     module.load_state_dict(sd, strict=True, assign=True)
     return module
 
@@ -220,7 +201,7 @@ def load_checked(module, sd, source):
 def _tokenizer_file(path):
     file = os.path.join(path, "tokenizer.model")
     if not os.path.isfile(file):
-        raise CheckpointError(f"{path}: no tokenizer.model")
+        raise WeightsError(f"{path}: no tokenizer.model")
     return file
 
 
@@ -228,15 +209,15 @@ def load_tokenizer(path, image_tokens=65):
     try:
         return Tokenizer(_tokenizer_file(path), image_tokens)
     except ValueError as e:
-        raise CheckpointError(str(e)) from None
+        raise WeightsError(str(e)) from None
 
 
 def load_config(path):
     d = read_config(path)
     if "vision_config" not in d or "text_config" not in d:
         kind = d.get("model_type", "unknown")
-        raise CheckpointError(f"{path} is not an mPLUG-Owl checkpoint (config.json model_type={kind!r}; "
-                              f"it needs vision_config, visual_abstractor_config and text_config)")
+        raise WeightsError(f"{path} is not an mPLUG-Owl model folder (config.json model_type={kind!r}; "
+                           f"it needs vision_config, visual_abstractor_config and text_config)")
     return _parsed(path, OwlConfig.from_official_dict, d)
 
 
@@ -244,12 +225,12 @@ def _parsed(path, make, *a):
     try:
         return make(*a)
     except ValueError as e:
-        raise CheckpointError(f"{path}/config.json: {e}") from None
+        raise WeightsError(f"{path}/config.json: {e}") from None
 
 
 def load_model(path, device="cpu", dtype=torch.float32, progress=False):
     """(model, tokenizer) from a folder in the official mPLUG-Owl layout (or written by train.py).
-    dtype=None keeps the checkpoint's dtype; progress shows a bar on stderr. Every file the load
+    dtype=None keeps the files' dtype; progress shows a bar on stderr. Every file the load
     needs is checked before any weight is read."""
     cfg = load_config(path)
     tok = load_tokenizer(path, cfg.image_tokens)
@@ -261,17 +242,17 @@ def load_owl(path, cfg=None, device="cpu", dtype=torch.float32, progress=False):
     cfg, files = load_config(path) if cfg is None else cfg, weight_files(path)
     with torch.device("meta"):
         model = MplugOwl(cfg)
-    load_checked(model, map_official(read_weights(files, dtype=dtype, device=device, progress=progress)), path)
+    load_checked(model, drop_rope_buffers(read_weights(files, dtype=dtype, device=device, progress=progress)), path)
     return model.eval()
 
 
 def load_vision(clip_dir, device="cpu", dtype=torch.float32, layer_norm_eps=None):
-    """The vision tower of an HF CLIP checkpoint as our ViT. By default it keeps CLIP's LayerNorm eps
+    """The vision tower of an HF CLIP model folder as our ViT. By default it keeps CLIP's LayerNorm eps
     (1e-5), so its outputs equal CLIP's; mPLUG-Owl itself uses 1e-6 (pass layer_norm_eps=1e-6)."""
     d = read_config(clip_dir)
     vd = d.get("vision_config", d if d.get("model_type") == "clip_vision_model" else None)
     if vd is None:
-        raise CheckpointError(f"{clip_dir}/config.json: no vision_config (is this an HF CLIP checkpoint?)")
+        raise WeightsError(f"{clip_dir}/config.json: no vision_config (is this an HF CLIP model folder?)")
     cfg = _parsed(clip_dir, from_dict, VisionConfig, vd, "vision_config")
     if layer_norm_eps is not None:
         cfg.layer_norm_eps = layer_norm_eps
@@ -283,59 +264,25 @@ def load_vision(clip_dir, device="cpu", dtype=torch.float32, layer_norm_eps=None
 
 
 def load_llama(llama_dir, device="cpu", dtype=torch.float32):
-    """An HF LLaMA checkpoint (one file or shards) as our Llama."""
+    """An HF LLaMA model folder (one file or shards) as our Llama."""
     d = read_config(llama_dir)
     if d.get("model_type", "llama") != "llama":
-        raise CheckpointError(f"{llama_dir}/config.json: model_type {d.get('model_type')!r} is not llama")
+        raise WeightsError(f"{llama_dir}/config.json: model_type {d.get('model_type')!r} is not llama")
     cfg = _parsed(llama_dir, from_dict, LlamaConfig, d)
     with torch.device("meta"):
         llm = Llama(cfg)
-    sd = map_official(read_weights(weight_files(llama_dir), dtype=dtype, device=device))
+    sd = drop_rope_buffers(read_weights(weight_files(llama_dir), dtype=dtype, device=device))
     return load_checked(llm, sd, llama_dir).eval()
 
 
 # ----------------------------------------------------------------------------- saving
-
-def check_destination(dst, writes, sources=()):
-    """Refuse a dst that is a source folder, or that exists holding anything but `writes` (the names a
-    writer writes: its own earlier output is replaced, nothing else ever is)."""
-    if os.path.exists(dst) and any(src and os.path.exists(src) and os.path.samefile(src, dst) for src in sources):
-        raise CheckpointError(f"{dst} is the source folder: write to another one")
-    foreign = (sorted(set(os.listdir(dst)) - set(writes)) if os.path.isdir(dst) else
-               [os.path.basename(dst)] if os.path.exists(dst) else [])
-    if foreign:
-        raise CheckpointError(f"{dst} exists and is not this command's own output ({', '.join(foreign[:3])}"
-                              f"{', ...' if len(foreign) > 3 else ''}): choose another destination")
-
-
-def atomic_dir(out_dir, write):
-    """Call write(tmp_dir), then move tmp_dir into place: a crash never leaves a half-written out_dir
-    (a kill between the two renames leaves out_dir.old and out_dir.tmp, complete: see owl/train/state.py)."""
-    out_dir = os.path.abspath(out_dir)
-    tmp, old = out_dir + ".tmp", out_dir + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        os.makedirs(tmp)
-    except OSError as e:
-        raise CheckpointError(f"{out_dir}: cannot write there ({e.strerror})") from None
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(out_dir):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
 
 def save_model(model: MplugOwl, out_dir, tokenizer_dir=None, tokenizer_file=None, dtype=None):
     """config.json + model.safetensors (official key layout) + tokenizer.model, atomically.
     The model must have no LoRA layers (fold them in first: owl.lora.merge_lora)."""
     sd = model.state_dict()
     if any("lora_" in k for k in sd):
-        raise CheckpointError("the model still has LoRA layers: merge them (owl.lora.merge_lora) before saving")
+        raise WeightsError("the model still has LoRA layers: merge them (owl.lora.merge_lora) before saving")
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
           for k, v in sd.items()}
     tok = tokenizer_file or (_tokenizer_file(tokenizer_dir) if tokenizer_dir else None)

@@ -1,5 +1,6 @@
-"""chat.py and its engine owl/chat_session.py: one-shot answers equal the reference greedy ids, an
-interactive session and the OwlEval runner equal from-scratch generation, the KV cache is reused
+"""chat.py and its engine owl/chat/session.py: one-shot answers equal the reference greedy ids, an
+interactive session and the OwlEval runner (python -m owl.eval owleval) equal from-scratch generation,
+the KV cache is reused
 across turns (counted), streaming handles byte-fallback characters, Ctrl-C stops an answer, and bad
 input gives one line and a non-zero exit."""
 import json
@@ -15,7 +16,7 @@ import torch
 
 import owl
 import owl.chat.session as cs
-from owl.chat.owleval import conversations
+from owl.eval.owleval import conversations
 from owl.chat.session import ChatSession, StreamDecoder, find_stop
 from tests.conftest import REF, ROOT
 
@@ -27,7 +28,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")  # 1 threa
 
 
 def run_chat(*args, stdin=None, checkpoint=CK):
-    cmd = [sys.executable, os.path.join(ROOT, "chat.py"), "--checkpoint", checkpoint, *args]
+    cmd = [sys.executable, os.path.join(ROOT, "chat.py"), "--model", checkpoint, *args]
     return subprocess.run(cmd, input=stdin, capture_output=True, encoding="utf-8", env=ENV, timeout=300)
 
 
@@ -38,11 +39,22 @@ def run_main(capsys, *args, stdin=None, checkpoint=CK):
     old = sys.stdin
     sys.stdin = io.StringIO(stdin or "")
     try:
-        rc = chat.main(["--checkpoint", checkpoint, *args])
+        rc = chat.main(["--model", checkpoint, *args])
     except SystemExit as e:  # argparse's usage errors
         rc = e.code
     finally:
         sys.stdin = old
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=rc, stdout=out, stderr=err)
+
+
+def run_eval(capsys, *args):
+    """python -m owl.eval's main in this process: (exit code, stdout, stderr)."""
+    from owl.eval.__main__ import main
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's usage errors
+        rc = e.code
     out, err = capsys.readouterr()
     return SimpleNamespace(returncode=rc, stdout=out, stderr=err)
 
@@ -249,8 +261,9 @@ def test_owleval_conversations_follow_the_categories():
 def test_owleval_runner_and_report(owl_model, tmp_path):
     model, tok = owl_model
     out, page = tmp_path / "answers.jsonl", tmp_path / "report.html"
-    r = run_chat("--owleval", MINI, "--out", str(out), "--html", str(page), "--max-new-tokens", "10",
-                 "--model-id", "owl-tiny")
+    r = subprocess.run([sys.executable, "-m", "owl.eval", "owleval", MINI, "--model", CK, "--out", str(out), "--html",
+                        str(page), "--max-new-tokens", "10", "--model-id", "owl-tiny"], cwd=ROOT, capture_output=True,
+                       encoding="utf-8", env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in open(out, encoding="utf-8")]
     qs = [json.loads(line) for line in open(os.path.join(MINI, "questions.jsonl"))]
@@ -283,7 +296,7 @@ def one_line_error(r, *words):
 
 def test_bad_input(tmp_path, capsys):
     # in a real process: exit code 1, one line, no traceback
-    one_line_error(run_chat("--prompt", "hi", checkpoint=str(tmp_path / "nope")), "nope", "no such directory")
+    one_line_error(run_chat("--prompt", "hi", checkpoint=str(tmp_path / "nope")), "nope", "no such folder")
     # the rest in this process (chat.main returns the exit code)
     (tmp_path / "ck").mkdir()
     for f in ("config.json", "tokenizer.model"):
@@ -294,7 +307,7 @@ def test_bad_input(tmp_path, capsys):
     one_line_error(run_main(capsys, "--raw-prompt", "Human: <image>\nHuman: hi\nAI: "), "--raw-prompt",
                    "1 <image>")
     out = tmp_path / "a.jsonl"
-    one_line_error(run_main(capsys, "--owleval", str(tmp_path), "--out", str(out)), "no questions.jsonl")
+    one_line_error(run_eval(capsys, "owleval", str(tmp_path), "--model", CK, "--out", str(out)), "no questions.jsonl")
     assert not out.exists()
     one_line_error(run_main(capsys, "--prompt", "hi", "--max-new-tokens", "0"), "--max-new-tokens")
 

@@ -1,6 +1,6 @@
 """chat.py against the red-team report (shared/design/redteam.md): undecodable input bytes, sampling
-flags out of range, an adapter of another base or a garbage one, and OwlEval's answers file (checked
-first, appended to as answers are made, gone on from by a re-run)."""
+flags out of range, an adapter of another base or a garbage one, and OwlEval's answers file (python -m
+owl.eval owleval: checked first, appended to as answers are made, gone on from by a re-run)."""
 import json
 import os
 import subprocess
@@ -13,7 +13,7 @@ import torch
 import owl
 from owl.chat.session import ChatSession
 from tests.conftest import ROOT, one_line
-from tests.test_chat import CK, ENV, IMG, MINI, reference_answer, run_main
+from tests.test_chat import CK, ENV, IMG, MINI, reference_answer, run_eval, run_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,7 +22,7 @@ def test_undecodable_input_bytes_are_replaced_and_the_session_goes_on(owl_model,
     """Report 4.7: a non-UTF-8 byte typed after a good turn killed the session (sentencepiece, or
     UnicodeDecodeError under a strict encoding); --prompt - and --prompt with such bytes too."""
     env = dict(ENV, PYTHONIOENCODING="utf-8:strict")  # the strictest stdin
-    cmd = [sys.executable, os.path.join(ROOT, "chat.py"), "--checkpoint", CK, "--max-new-tokens", "3"]
+    cmd = [sys.executable, os.path.join(ROOT, "chat.py"), "--model", CK, "--max-new-tokens", "3"]
     script = f"/image {IMG[0]}\nfirst question\nhello \xff there\n/history\n".encode("latin-1")
     r = subprocess.run(cmd, input=script, capture_output=True, env=env, timeout=300)
     err, out = r.stderr.decode(), r.stdout.decode()
@@ -35,7 +35,7 @@ def test_undecodable_input_bytes_are_replaced_and_the_session_goes_on(owl_model,
     sys.stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9?"), encoding="utf-8")  # strict, as a UTF-8 terminal's
     try:
         import chat
-        rc = chat.main(["--checkpoint", CK, "--prompt", "-", "--max-new-tokens", "3"])
+        rc = chat.main(["--model", CK, "--prompt", "-", "--max-new-tokens", "3"])
     finally:
         sys.stdin = old
     r2 = capsys.readouterr()
@@ -61,7 +61,8 @@ def test_adapter_of_another_base_or_garbage_is_one_line(owl_model, tmp_path, cap
     """Report 4.13 (an adapter trained on another base of the same shapes was applied without a word:
     adapter.json's base_sha256 was never read), 4.14 (a garbage adapter file: a traceback)."""
     from safetensors.torch import save_file
-    from owl.lora import apply_lora, lora_state_dict, sha256_of
+    from owl.adapter import sha256_of
+    from owl.lora import apply_lora, lora_state_dict
     model, tok = owl.load_model(CK)
     apply_lora(model.language_model, ("q_proj", "v_proj"), r=4, alpha=8, dropout=0.0)
     torch.manual_seed(0)
@@ -92,7 +93,7 @@ def test_owleval_checks_out_first_keeps_each_answer_and_goes_on(owl_model, tmp_p
     equals an uninterrupted run (the multi-turn follow-up included)."""
     for out, words in ((tmp_path / "nodir" / "a.jsonl", "no such folder"), (tmp_path, "is a folder"),
                        ("/proc/owl_answers.jsonl", "cannot write there")):  # (as root too)
-        r = run_main(capsys, "--owleval", MINI, "--out", str(out), "--max-new-tokens", "10")
+        r = run_eval(capsys, "owleval", MINI, "--model", CK, "--out", str(out), "--max-new-tokens", "10")
         one_line(r, f"--out {out}", words)
         assert "loaded" not in r.stderr and "OwlEval" not in r.stderr  # before the model and the first question
     model, tok = owl_model
@@ -110,18 +111,18 @@ def test_owleval_checks_out_first_keeps_each_answer_and_goes_on(owl_model, tmp_p
             raise KeyboardInterrupt
         return real_ask(self, question, on_text)
     monkeypatch.setattr(ChatSession, "ask", ctrl_c_at_the_third)
-    r = run_main(capsys, "--owleval", MINI, "--out", str(out), "--max-new-tokens", "10", "--model-id", "m")
+    r = run_eval(capsys, "owleval", MINI, "--model", CK, "--out", str(out), "--max-new-tokens", "10", "--model-id", "m")
     assert r.returncode == 130 and "the answers so far are in" in r.stderr, r.stderr
     assert [json.loads(l)["answer"] for l in open(out, encoding="utf-8")] == [a3, a4]  # kept as they were made
     with open(out, "a", encoding="utf-8") as f:
         f.write('{"image": "4.jpg", "question_id": 5, "quest')  # a torn last line (a kill mid-write)
     monkeypatch.setattr(ChatSession, "ask", lambda self, q, on_text=None: asked.append(q) or real_ask(self, q, on_text))
-    r = run_main(capsys, "--owleval", MINI, "--out", str(out), "--max-new-tokens", "10", "--model-id", "m")
+    r = run_eval(capsys, "owleval", MINI, "--model", CK, "--out", str(out), "--max-new-tokens", "10", "--model-id", "m")
     assert r.returncode == 0 and "2 of 3 questions are answered" in r.stderr and "dropped a torn last line" in r.stderr
     assert asked[3:] == [qs[2]["question"]]  # only the follow-up was asked again, after its first turn put back
     rows = [json.loads(l) for l in open(out, encoding="utf-8")]
     assert [(x["question_id"], x["answer"], x["model_id"]) for x in rows] == [(3, a3, "m"), (4, a4, "m"), (5, a5, "m")]
-    one_line(run_main(capsys, "--owleval", MINI, "--out", str(out), "--model-id", "other"),
+    one_line(run_eval(capsys, "owleval", MINI, "--model", CK, "--out", str(out), "--model-id", "other"),
              "not an answers file of model 'other'")
 
 

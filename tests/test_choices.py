@@ -1,6 +1,6 @@
 """Multiple choice. owl.score_choices against a teacher-forced recomputation with MplugOwl.forward on the
 reference checkpoint (choices that merge across the prompt's "AI: " boundary too), batched == one by
-one. owl/chat/choices.py on small files the tests write: the JSONL and MMBench-TSV readers (options as
+one. owl/eval/choices.py on small files the tests write: the JSONL and MMBench-TSV readers (options as
 a list or an object, answers as keys or texts, base64 images, shared images, CircularEval copies, bad
 input named), MMBench's prompt, and --circular's rule (every rotation right) against scorers whose
 behaviour is known: one that reads the options, one that always picks the first."""
@@ -17,7 +17,7 @@ from PIL import Image
 import owl
 from owl.generate import visual_tokens
 from tests.conftest import REF
-from owl.chat.choices import ChoicesError, accuracy, evaluate, load_images, prompt_and_choices, read_questions
+from owl.eval.choices import ChoicesError, accuracy, evaluate, load_images, prompt_and_choices, read_questions
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -136,7 +136,7 @@ def test_mmbench_tsv_reader(tmp_path):
 
 
 def test_the_prompts():
-    from owl.chat.choices import Question
+    from owl.eval.choices import Question
     q = Question(7, "Which colour?", {"A": "red", "B": "blue"}, "A", hint="A hint.")
     prompt, choices = prompt_and_choices(q, q.options, 1, list_options=True)
     assert prompt == owl.SYSTEM + ("Human: <image>\nHuman: Hint: A hint.\nQuestion: Which colour?\nOptions:\n"
@@ -184,17 +184,17 @@ def test_circular_counts_a_question_right_only_if_every_rotation_is(tmp_path):
         evaluate(qs, first_option, circular=True)
 
 
-# ----------------------------------------------------------------------------- chat.py --multiple-choice
+# ----------------------------------------------------------------------------- python -m owl.eval choices
 
-def test_chat_multiple_choice_writes_predictions_and_accuracy(owl_model, tmp_path, capsys):
-    from tests.test_chat import one_line_error, run_main
+def test_eval_choices_writes_predictions_and_accuracy(owl_model, tmp_path, capsys):
+    from tests.test_chat import CK, one_line_error, run_eval
     model, tok = owl_model
     f = write_jsonl(tmp_path / "q.jsonl", [
         {"id": "q1", "image": IMG, "question": "What is it?", "options": ["a cat", "a dog", "a car"], "answer": "A"},
         {"id": "q2", "image": IMG, "question": "Is it red?", "options": {"Y": "yes", "N": "no"}, "answer": "no"},
         {"id": "q3", "question": "Two plus two?", "options": ["4", "5"], "hint": "Count."}])
     out = tmp_path / "preds.jsonl"
-    r = run_main(capsys, "--multiple-choice", f, "--out", str(out), "--list-options", "--circular")
+    r = run_eval(capsys, "choices", f, "--model", CK, "--out", str(out), "--list-options", "--circular")
     assert r.returncode == 0, r.stderr
     recs = [json.loads(l) for l in open(out)]
     assert [x["id"] for x in recs] == ["q1", "q2", "q3"] and [x["answer"] for x in recs] == ["A", "N", None]
@@ -211,8 +211,10 @@ def test_chat_multiple_choice_writes_predictions_and_accuracy(owl_model, tmp_pat
     # an MMBench TSV, the options' texts scored per token
     tsv = write_tsv(tmp_path / "mmb.tsv", [{"index": i, "question": "Colour?", "A": "red", "B": "blue", "answer": "B",
                                              "image": png_b64("blue")} for i in range(2)])
-    r = run_main(capsys, "--multiple-choice", tsv, "--out", str(out), "--normalize", "mean")
+    r = run_eval(capsys, "choices", tsv, "--model", CK, "--out", str(out), "--normalize", "mean")
     assert r.returncode == 0 and "accuracy: " in r.stdout and len(open(out).readlines()) == 2
-    one_line_error(run_main(capsys, "--multiple-choice", f, "--out", str(out), "--circular"), "--circular needs --list-options")
-    one_line_error(run_main(capsys, "--multiple-choice", str(tmp_path / "gone.jsonl"), "--out", str(out)), "no such file")
-    one_line_error(run_main(capsys, "--multiple-choice", f), "--multiple-choice needs --out FILE")
+    one_line_error(run_eval(capsys, "choices", f, "--model", CK, "--out", str(out), "--circular"),
+                   "--circular needs --list-options")
+    one_line_error(run_eval(capsys, "choices", str(tmp_path / "gone.jsonl"), "--model", CK, "--out", str(out)),
+                   "no such file")
+    one_line_error(run_eval(capsys, "choices", f, "--model", CK), "the following arguments are required: --out")

@@ -1,4 +1,4 @@
-"""owl/data.py: every format -> the official template; ids and loss labels against hand-built
+"""owl/train/data.py: every format -> the official template; ids and loss labels against hand-built
 expectations (official xgpt3 tokenisation); truncation; bad input; the step-wise data order."""
 import json
 import os
@@ -64,7 +64,7 @@ def test_each_format_becomes_the_official_template(fmt, rec, text, images):
 def test_unknown_record_and_malformed_line_name_the_place(tmp_path, tok):
     f = tmp_path / "d.jsonl"
     f.write_text('{"caption": "x", "image": "a.png"}\n\n{"caption": "y", "image": \n')
-    with pytest.raises(DataError, match=r"d\.jsonl:3: malformed JSON"):
+    with pytest.raises(DataError, match=r"d\.jsonl:3: not valid JSON"):
         read_records(str(f))
     g = tmp_path / "e.json"
     g.write_text('[{"foo": 1}]')
@@ -72,7 +72,7 @@ def test_unknown_record_and_malformed_line_name_the_place(tmp_path, tok):
         load_examples([str(g)], tok, 512)
     h = tmp_path / "f.json"
     h.write_text('[{"instruction": "a", "output": "b"},\n {"instruction": }]')
-    with pytest.raises(DataError, match=r"f\.json:2: malformed JSON"):
+    with pytest.raises(DataError, match=r"f\.json:2: not valid JSON"):
         read_records(str(h))
 
 
@@ -253,5 +253,5 @@ def test_the_data_rows_that_were_clear_stay_so(tmp_path, tok, capsys):
     assert len(ex) == len(caps) and all(e.labels[-1] == tok.eos_id for e in ex)
     f = tmp_path / "bom.jsonl"
     f.write_bytes(b"\xef\xbb\xbf" + json.dumps({"image": "ok.png", "caption": "x"}).encode() + b"\n")
-    with pytest.raises(DataError, match=r"bom\.jsonl:1: malformed JSON line \(Unexpected UTF-8 BOM"):
+    with pytest.raises(DataError, match=r"bom\.jsonl:1: not valid JSON \(Unexpected UTF-8 BOM"):
         read_records(str(f))

@@ -1,8 +1,10 @@
-"""The CPU demo (owl/demo/): the HF-layout writers invert the loaders, corpus tokenisation matches
-train.py and owl.generate, and a reduced `run_demo` (with the ablation) runs end to end through train.py."""
+"""The CPU demo (owl/demo/, python -m owl.demo): the HF-layout writers invert the loaders, corpus
+tokenisation matches train.py and owl.generate, and a reduced `run_demo` (with the ablation) runs end
+to end, each stage as the `python train.py ...` command it prints."""
 import json
 import os
 import random
+import shlex
 import subprocess
 import sys
 
@@ -10,13 +12,13 @@ import pytest
 import torch
 
 import owl
-import train
 from owl.config import LlamaConfig
 from owl.demo import files, probe, world
 from owl.demo import run as demo
 from owl.demo import stand_ins
 from owl.llama import Llama
 from owl.tokenizer import IGNORE
+from owl.train.config import parse
 from owl.vision import VisionTransformer
 from tests.conftest import ROOT
 
@@ -89,10 +91,10 @@ def test_corpus_tokenisation_matches_train_and_generate(tmp_path):
 
 def test_a_second_run_into_the_same_out_stops_at_once(tmp_path):
     (tmp_path / "stage1").mkdir()
-    with pytest.raises(FileExistsError, match="stage1 exists"):
-        demo.run_demo(str(tmp_path), train.main, quick=True)
+    with pytest.raises(demo.DemoError, match="stage1 exists"):
+        demo.run_demo(str(tmp_path), quick=True)
     assert sorted(os.listdir(tmp_path)) == ["stage1"]  # nothing written, nothing removed
-    r = subprocess.run([sys.executable, "train.py", "--demo", str(tmp_path)], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "owl.demo", str(tmp_path)], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: {tmp_path / 'stage1'} exists "
                                                                    "(an earlier demo run): choose another OUT or remove it"]
@@ -103,9 +105,15 @@ def test_normalise():
     assert demo.normalise("two\n") == "two" and demo.normalise("two") != demo.normalise("three")
 
 
-def test_reduced_demo_end_to_end(tmp_path):
+def test_reduced_demo_end_to_end(tmp_path, capfd):
     out = str(tmp_path / "demo")
-    assert demo.run_demo(out, train.main, ablation=True, quick=True) == out
+    assert demo.run_demo(out, ablation=True, quick=True) == out
+    # each stage ran as the command it printed: the same options parse back from it
+    commands = [l.split("[demo] python train.py ", 1)[1] for l in capfd.readouterr().out.splitlines()
+                if l.startswith("[demo] python train.py ")]
+    assert [parse(shlex.split(c)).out for c in commands] == [os.path.join(out, d) for d in (
+        "stage1", "stage2", "unaligned", "stage2_only", "frozen_vit/stage1", "frozen_vit/stage2")]
+    assert "--freeze-vision" in commands[4] and parse(shlex.split(commands[1])).init == os.path.join(out, "stage1")
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
     assert set(report["ablation"]) == {"both", "stage1_only", "stage2_only", "frozen_vit"}
@@ -148,7 +156,7 @@ def test_reduced_demo_end_to_end(tmp_path):
     assert again["accuracy"] == report["accuracy"] and again["per_type"] == report["per_type"]
     # the samples in report.md are rows of the evaluation
     assert all(s["answer"] in {a["answer"] for a in again["answers"]} for s in report["samples"])
-    # bench/llm_lookup_probe.py reads this OUT: every answer of the corpus's conversations is scored once
+    # python -m owl.demo.probe reads this OUT (owl/demo/probe.py): every answer of the corpus's conversations is scored once
     rows = probe.probe(owl.load_llama(os.path.join(out, "llm")), tok, os.path.join(out, "world", "corpus.jsonl"))
     with open(os.path.join(out, "world", "corpus.jsonl")) as f:
         docs = [json.loads(line) for line in f][:3000]

@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import owl
-from owl import CheckpointError
+from owl import WeightsError
 from owl.tokenizer import IMAGE_SLOT
 from tests.conftest import ROOT, one_line, run_script
 
@@ -32,7 +32,7 @@ def rewrite(d, fn):
 def test_missing_and_unexpected_keys_are_named(ref, tmp_path):
     d = copy_ck(ref, tmp_path)
     rewrite(d, lambda sd: {("extra.w" if k == "abstractor.vit_eos" else k): v for k, v in sd.items()})
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(WeightsError) as e:
         owl.load_model(str(d))
     msg = str(e.value)
     assert "missing 1: abstractor.vit_eos" in msg and "unexpected 1: extra.w" in msg
@@ -41,14 +41,14 @@ def test_missing_and_unexpected_keys_are_named(ref, tmp_path):
 def test_ddp_prefix_gets_a_hint(ref, tmp_path):
     d = copy_ck(ref, tmp_path)
     rewrite(d, lambda sd: {"module." + k: v for k, v in sd.items()})
-    with pytest.raises(CheckpointError, match="strip 'module.'"):
+    with pytest.raises(WeightsError, match="strip 'module.'"):
         owl.load_model(str(d))
 
 
 def test_mis_shaped_key_is_named(ref, tmp_path):
     d = copy_ck(ref, tmp_path)
     rewrite(d, lambda sd: {**sd, "query_tokens": sd["query_tokens"][:, :32]})
-    with pytest.raises(CheckpointError, match=r"mis-shaped 1: query_tokens \(1, 32, 64\) != \(1, 64, 64\)"):
+    with pytest.raises(WeightsError, match=r"mis-shaped 1: query_tokens \(1, 32, 64\) != \(1, 64, 64\)"):
         owl.load_model(str(d))
 
 
@@ -57,14 +57,14 @@ def test_mis_shaped_key_is_named(ref, tmp_path):
 def test_incomplete_directory(ref, tmp_path, remove, message):
     d = copy_ck(ref, tmp_path)
     os.remove(d / remove)
-    with pytest.raises(CheckpointError, match=message):
+    with pytest.raises(WeightsError, match=message):
         owl.load_model(str(d))
 
 
-def test_not_an_owl_checkpoint(ref):
-    with pytest.raises(CheckpointError, match="not an mPLUG-Owl checkpoint"):
+def test_not_an_owl_model_folder(ref):
+    with pytest.raises(WeightsError, match="not an mPLUG-Owl model folder"):
         owl.load_model(os.path.join(ref, "hf_llama"))
-    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+    with pytest.raises(WeightsError, match="no such model folder"):
         owl.load_model(os.path.join(ref, "nope"))
 
 
@@ -72,7 +72,7 @@ def test_bin_weights_point_to_the_converter(ref, tmp_path):
     d = copy_ck(ref, tmp_path)
     torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
     os.remove(d / "model.safetensors")
-    with pytest.raises(CheckpointError, match="owl.convert"):
+    with pytest.raises(WeightsError, match="owl.convert"):
         owl.load_model(str(d))
 
 
@@ -135,7 +135,7 @@ def test_malformed_configs_are_one_line(ref, tmp_path, caps, capsys):
     the rows that were already one line stay so: 1.4 no text_config / visual_abstractor_config, 1.5 no
     hidden_size, 1.6 text_config null, now naming the key)."""
     cases = {"list": (lambda c: [1, 2], "not a model config"),
-             "no_text": (lambda c: {k: v for k, v in c.items() if k != "text_config"}, "is not an mPLUG-Owl checkpoint"),
+             "no_text": (lambda c: {k: v for k, v in c.items() if k != "text_config"}, "is not an mPLUG-Owl model folder"),
              "no_abs": (lambda c: {k: v for k, v in c.items() if k != "visual_abstractor_config"},
                         "not an mPLUG-Owl config: it has no visual_abstractor_config"),
              "null": (lambda c: {**c, "text_config": None}, "text_config: expected a JSON object, got NoneType"),
@@ -148,15 +148,15 @@ def test_malformed_configs_are_one_line(ref, tmp_path, caps, capsys):
     for name, (fn, words) in cases.items():
         d = folder(ref, tmp_path, name)
         edit_config(d, fn)
-        line = one_line(run_script(capsys, CHAT, "--checkpoint", d, "--prompt", "hi"), words)
+        line = one_line(run_script(capsys, CHAT, "--model", d, "--prompt", "hi"), words)
         assert str(d) in line, line
     d = folder(ref, tmp_path, "no_hidden")  # the 7B default 4096 is used: the check of the weights names them
     edit_config(d, lambda c: {**c, "text_config": {k: v for k, v in c["text_config"].items() if k != "hidden_size"}})
-    r = run_script(capsys, CHAT, "--checkpoint", d, "--prompt", "hi")
+    r = run_script(capsys, CHAT, "--model", d, "--prompt", "hi")
     assert r.returncode == 1 and "Traceback" not in r.stderr and "mis-shaped 24: abstractor.vit_eos (1, 1, 96)" in r.stderr
     d = folder(ref, tmp_path, "invalid")
     (d / "config.json").write_text('{"vision_config": {\n')  # 1.3
-    one_line(run_script(capsys, CHAT, "--checkpoint", d, "--prompt", "hi"), f"{d}/config.json: not valid JSON")
+    one_line(run_script(capsys, CHAT, "--model", d, "--prompt", "hi"), f"{d}/config.json: not valid JSON")
     clip = folder(ref, tmp_path, "clip", "hf_clip")
     (clip / "config.json").write_text("[]")
     r = run_script(capsys, TRAIN, *stage1(clip, os.path.join(ref, "hf_llama"), caps, tmp_path / "o"))
@@ -167,30 +167,30 @@ def test_malformed_configs_are_one_line(ref, tmp_path, caps, capsys):
 def test_malformed_weights_and_tokenizers_are_one_line(ref, tmp_path, caps, capsys):
     """Report 1.12 (an int32 tensor), 1.13 (a garbage tokenizer.model: chat, train, --check-data),
     1.14 (an empty one), 1.17 (an invalid shard index, one without weight_map); and the rows that were
-    one line already: 1.1/1.2 (a truncated model.safetensors), 1.15 (--checkpoint a file), 1.16 (a
+    one line already: 1.1/1.2 (a truncated model.safetensors), 1.15 (--model a file), 1.16 (a
     folder where a file is due), 1.18 (an index naming a missing shard)."""
     for size, words in ((None, "incomplete metadata"), (5, "header too small")):
         d = folder(ref, tmp_path, f"trunc{size}")
         data = (d / "model.safetensors").read_bytes()
         (d / "model.safetensors").write_bytes(data[: size or len(data) // 2])
-        one_line(run_script(capsys, CHAT, "--checkpoint", d, "--prompt", "hi"), "model.safetensors: cannot read safetensors",
+        one_line(run_script(capsys, CHAT, "--model", d, "--prompt", "hi"), "model.safetensors: cannot read safetensors",
                  words)
     (tmp_path / "afile").write_text("x")
-    one_line(run_script(capsys, CHAT, "--checkpoint", tmp_path / "afile", "--prompt", "hi"), "no such directory")
+    one_line(run_script(capsys, CHAT, "--model", tmp_path / "afile", "--prompt", "hi"), "no such folder")
     for name, words in (("config.json", "no config.json"), ("model.safetensors", "cannot read safetensors"),
                         ("tokenizer.model", "no tokenizer.model")):
         d = folder(ref, tmp_path, f"dir_{name}")
         os.remove(d / name)
         os.mkdir(d / name)
-        one_line(run_script(capsys, CHAT, "--checkpoint", d, "--prompt", "hi"), words)
+        one_line(run_script(capsys, CHAT, "--model", d, "--prompt", "hi"), words)
     d = folder(ref, tmp_path, "int32")
     rewrite(d, lambda sd: {**sd, "language_model.model.norm.weight": sd["language_model.model.norm.weight"].int()})
-    one_line(run_script(capsys, CHAT, "--checkpoint", d, "--prompt", "hi"), "1 tensor(s) are not floating point",
+    one_line(run_script(capsys, CHAT, "--model", d, "--prompt", "hi"), "1 tensor(s) are not floating point",
              "language_model.model.norm.weight (int32)")
     for name, data in (("garbage", np.random.default_rng(0).bytes(14300)), ("empty", b"")):
         d = folder(ref, tmp_path, f"tok_{name}")
         (d / "tokenizer.model").write_bytes(data)
-        r = run_script(capsys, CHAT, "--checkpoint", d, "--prompt", "hi")
+        r = run_script(capsys, CHAT, "--model", d, "--prompt", "hi")
         one_line(r, f"{d}/tokenizer.model: not a sentencepiece model")
         assert "loading weights" not in r.stderr  # refused before any weight is read
     llama = folder(ref, tmp_path, "llama_tok", "hf_llama")

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import owl
 import train
+from owl.train.config import parse
 from owl.train.state import read_state
 from tests.test_train import OWL, assert_same, data, run_cli, stage2_args  # noqa: F401 (data: the fixture)
 
@@ -55,7 +56,7 @@ def test_full_finetune_trains_the_llm_and_the_abstractor_and_resumes_exactly(one
     np.testing.assert_allclose(losses(straight), losses(split), atol=1e-6)
     assert len(losses(straight, "eval_loss")) == 1
     with pytest.raises(train.TrainError, match="--full-finetune with --stage 2"):
-        train.parse_args(["--stage", "1", "--full-finetune"])
+        parse(["--stage", "1", "--full-finetune"])
 
 
 def test_two_processes_with_fsdp_equal_one_process(data, one_process, tmp_path):

@@ -1,12 +1,15 @@
 """The house rules of the layout (STYLE.md), read from the source with ast: no import circle; no
 module of the package imports the scripts train.py or chat.py; the files directly in owl/ import
-nothing from the wings owl/train, owl/chat, owl/demo; owl/train and owl/chat import no other wing."""
+nothing from the wings owl/train, owl/chat, owl/eval, owl/demo; owl/train and owl/chat import no other
+wing, owl/eval only owl/chat (the session engine and the loader), owl/demo only owl/train (the data
+formats and TrainConfig)."""
 import ast
 import os
 
 from tests.conftest import ROOT
 
-WINGS = ("owl.train", "owl.chat", "owl.demo")
+WINGS = ("owl.train", "owl.chat", "owl.eval", "owl.demo")
+MAY_IMPORT = {"owl.train": (), "owl.chat": (), "owl.eval": ("owl.chat",), "owl.demo": ("owl.train",)}
 SCRIPTS = ("train", "chat")
 
 
@@ -78,20 +81,21 @@ def broken_rules(g):
         bad += [f"{name} imports the script {d}" for d in deps if d in SCRIPTS]
         if (name == "owl" or name.count(".") == 1) and name not in WINGS:  # owl/__init__.py, owl/*.py
             bad += [f"{name} (a file of owl/) imports the wing {d}" for d in deps if any(inside(d, w) for w in WINGS)]
-        for wing in ("owl.train", "owl.chat"):
+        for wing, allowed in MAY_IMPORT.items():
             if inside(name, wing):
                 bad += [f"{name} imports another wing, {d}" for d in deps
-                        if any(inside(d, w) for w in WINGS if w != wing)]
+                        if any(inside(d, w) for w in WINGS if w != wing and w not in allowed)]
     return bad
 
 
 def test_the_checker_can_fail():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
-    assert broken_rules({"owl.model": {"owl.train.data"}, "owl.demo.run": {"train"},
-                         "owl.chat.session": {"owl.demo.world"}}) == [
+    assert broken_rules({"owl.model": {"owl.train.data"}, "owl.demo.run": {"train", "owl.train.config"},
+                         "owl.chat.session": {"owl.demo.world"}, "owl.eval.owleval": {"owl.chat.session"},
+                         "owl.eval.choices": {"owl.train.data"}}) == [
         "owl.model (a file of owl/) imports the wing owl.train.data", "owl.demo.run imports the script train",
-        "owl.chat.session imports another wing, owl.demo.world"]
+        "owl.chat.session imports another wing, owl.demo.world", "owl.eval.choices imports another wing, owl.train.data"]
     files = module_files()  # relative imports resolve to the right modules
     assert imports_of("owl.chat.session", files["owl.chat.session"], files) >= {"owl.generate", "owl.tokenizer"}
     assert "owl.demo.files" in imports_of("owl.demo.run", files["owl.demo.run"], files)  # `from . import files`
@@ -108,5 +112,6 @@ def test_the_layout_rules_hold():
     assert broken_rules(g) == []
 
 
-def test_owl_holds_at_most_14_files():
-    assert len([f for f in os.listdir(os.path.join(ROOT, "owl")) if f.endswith(".py")]) <= 14
+def test_owl_holds_at_most_16_files():
+    """The model's boxes and what they need, each found by `ls owl/` (the README's map names them)."""
+    assert len([f for f in os.listdir(os.path.join(ROOT, "owl")) if f.endswith(".py")]) <= 16

@@ -1,5 +1,5 @@
 """LoRA (owl/lora.py): B = 0 equals the base model, merged equals unmerged, only LoRA trains, and
-the adapter files round-trip."""
+the adapter files (owl/adapter.py) round-trip and merge (python -m owl.convert merge)."""
 import json
 import os
 import shutil
@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import owl
-from owl.lora import (LoRALinear, apply_lora, lora_state_dict, main, mark_only_lora_as_trainable, merge_lora,
-                      save_adapter)
+from owl.adapter import save_adapter
+from owl.convert import main
+from owl.lora import LoRALinear, apply_lora, lora_state_dict, mark_only_lora_as_trainable, merge_lora
 from tests.conftest import REF, ROOT, call_main, one_line, tiny_batch, tiny_model
 
 
@@ -77,7 +78,7 @@ def test_apply_adapter_round_trip(tmp_path):
         assert torch.equal(m2(ids, px), m(ids, px))
 
 
-# ----------------------------------------------------------------------------- python -m owl.lora merge (red-team cases)
+# ----------------------------------------------------------------------------- python -m owl.convert merge (red-team cases)
 
 BASE = os.path.join(REF, "mplug_owl")
 
@@ -110,9 +111,10 @@ def lora_main(capsys, *args):
 
 def test_merge_cli_runs_as_documented(tmp_path):
     """Report 4.16: `python -m owl.lora merge BASE ADAPTER OUT` (README) failed, after runpy's
-    RuntimeWarning that owl.lora was imported twice. A real process, as a user runs it."""
+    RuntimeWarning that owl.lora was imported twice; it is `python -m owl.convert merge` now. A real
+    process, as a user runs it."""
     adapter, out = make_adapter(BASE, tmp_path / "s2"), tmp_path / "merged"
-    r = subprocess.run([sys.executable, "-W", "default", "-m", "owl.lora", "merge", BASE, adapter, str(out)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-W", "default", "-m", "owl.convert", "merge", BASE, adapter, str(out)], cwd=ROOT,
                        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert r.returncode == 0 and r.stderr == "", r.stderr  # no RuntimeWarning either
     got, want = load_file(out / "model.safetensors"), merged_here(BASE, adapter)

@@ -12,7 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import owl
-from owl.config import AbstractorConfig, LlamaConfig, OwlConfig, VisionConfig
+from owl.config import preset
 from owl.generate import generate_tokens
 from owl.lora import apply_lora
 from owl.memory import TASKS, estimate, main, param_counts, trains
@@ -21,12 +21,7 @@ from owl.train.stages import cast_frozen, param_groups, set_trainable, train_mod
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SHAPE_57M = OwlConfig(  # bench/run.py SHAPES["57m"]
-    vision_config=VisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
-    visual_abstractor_config=AbstractorConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=2,
-                                              num_attention_heads=4, encoder_hidden_size=256),
-    text_config=LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                            num_attention_heads=8, max_position_embeddings=2048))
+SHAPE_57M = preset("57m")  # bench/run.py's
 
 
 def peak_bytes(fn):

@@ -45,7 +45,7 @@ def test_truncated_or_pickled_training_state_is_refused(data, stopped, tmp_path,
         out = copy(stopped, tmp_path, name)
         f = out / "checkpoint" / name
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-        words = "cannot read the training state" if name == "state.json" else "cannot read safetensors"
+        words = "not valid JSON" if name == "state.json" else "cannot read safetensors"
         one_line(run_script(capsys, TRAIN, *s1(data, out, "--max-steps", "4", "--resume")), f"{f}: {words}")
     marker = tmp_path / "PWNED"
     out = copy(stopped, tmp_path, "pickled")
@@ -155,8 +155,8 @@ def test_out_is_never_a_model_folder_or_a_foreign_one(tmp_path, capsys):
     one_line(run_script(capsys, TRAIN, *s2(tmp_path / "mine", OWL)), "not this command's own output (notes.txt)")
     (tmp_path / "afile").write_text("x")  # 9.3 (one line already): --out a file, --init a file, or not a model
     one_line(run_script(capsys, TRAIN, *s2(tmp_path / "afile", OWL)), "is not this command's own output (afile)")
-    one_line(run_script(capsys, TRAIN, *s2(tmp_path / "o", tmp_path / "afile")), "no such checkpoint directory")
-    one_line(run_script(capsys, TRAIN, *s2(tmp_path / "o", os.path.join(REF, "hf_llama"))), "not an mPLUG-Owl checkpoint")
+    one_line(run_script(capsys, TRAIN, *s2(tmp_path / "o", tmp_path / "afile")), "no such model folder")
+    one_line(run_script(capsys, TRAIN, *s2(tmp_path / "o", os.path.join(REF, "hf_llama"))), "not an mPLUG-Owl model folder")
     assert hashlib.sha256((x / "model.safetensors").read_bytes()).hexdigest() == digest
     assert sorted(os.listdir(x)) == sorted(os.listdir(OWL)) and (tmp_path / "mine" / "notes.txt").exists()
 
@@ -172,7 +172,7 @@ def test_a_diverging_run_never_saves_non_finite_weights(data, tmp_path, capsys):
     assert line.endswith(f"step {step})")
     assert all(torch.isfinite(v).all() for v in load_file(out / "checkpoint" / "trainable.safetensors").values())
     # where the update itself diverges (the loss of that step still finite), the save refuses the weights
-    from owl import CheckpointError
+    from owl.train.state import CheckpointError
     from owl.train.state import save_training_state
     m = torch.nn.Linear(2, 2)
     with torch.no_grad():

@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 
 import owl
 import train
-from owl.lora import main as lora_main
+from owl.convert import main as convert_main
 from owl.model import lm_loss_sum
 from owl.train.batches import OwlDataset, collate
 from owl.train.data import DataError, load_examples
-from owl.train.safety import TrainError
+from owl.train.config import TrainError, parse
 from owl.train.state import read_state, write_state
 from tests.conftest import REF, ROOT, noise_images, one_line, run_script
 
@@ -150,13 +150,13 @@ def _other_rng():
 # ----------------------------------------------------------------------------- what trains
 
 def test_stage_freezing_and_optimizer_state(data, s2_batch2, tmp_path):
-    m1 = train.build_model(train.parse_args(stage1_args(data, tmp_path)))
+    m1 = train.build_model(parse(stage1_args(data, tmp_path)))
     for n, p in m1.named_parameters():
         assert p.requires_grad == (not n.startswith("language_model.")), n
-    m2 = train.build_model(train.parse_args(stage2_args(data, tmp_path)))
+    m2 = train.build_model(parse(stage2_args(data, tmp_path)))
     for n, p in m2.named_parameters():
         assert p.requires_grad == ("lora_" in n or n.startswith("abstractor.") or n == "query_tokens"), n
-    m3 = train.build_model(train.parse_args(stage2_args(data, tmp_path, "--freeze-abstractor")))
+    m3 = train.build_model(parse(stage2_args(data, tmp_path, "--freeze-abstractor")))
     assert {n for n, p in m3.named_parameters() if p.requires_grad} == {n for n, _ in m3.named_parameters() if "lora_" in n}
     # the checkpoint holds the trained tensors only, and Adam state for them only
     st = read_state(s2_batch2 / "checkpoint")
@@ -167,7 +167,7 @@ def test_stage_freezing_and_optimizer_state(data, s2_batch2, tmp_path):
 
 def test_vision_lr_applies_to_the_vit_only(data, tmp_path):
     from owl.train.stages import param_groups
-    model = train.build_model(train.parse_args(stage1_args(data, tmp_path)))
+    model = train.build_model(parse(stage1_args(data, tmp_path)))
     groups = param_groups(model, 0.1, vision_lr_scale=0.25)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     for n, p in model.named_parameters():
@@ -184,7 +184,7 @@ def test_freeze_vision_trains_the_abstractor_only_and_keeps_the_vit_bit_for_bit(
     """train.py --freeze-vision (the demo's frozen_vit arm: LLaVA / MiniGPT-4): stage 1 trains the
     abstractor and queries; the ViT and the LLaMA come out as they went in, and the optimizer holds
     no state for them. Stage 2 refuses the flag (it freezes the ViT anyway)."""
-    model = train.build_model(train.parse_args(stage1_args(data, tmp_path, "--freeze-vision")))
+    model = train.build_model(parse(stage1_args(data, tmp_path, "--freeze-vision")))
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         n for n, _ in model.named_parameters() if n.startswith("abstractor.") or n == "query_tokens"}
     out = tmp_path / "frozen"
@@ -192,7 +192,7 @@ def test_freeze_vision_trains_the_abstractor_only_and_keeps_the_vit_bit_for_bit(
     m, _ = owl.load_model(str(out))
     for k, v in owl.load_vision(CLIP).state_dict().items():
         assert torch.equal(m.vision_model.state_dict()[k], v), k
-    init = train.build_model(train.parse_args(stage1_args(data, tmp_path)))  # the same seed: the same fresh abstractor
+    init = train.build_model(parse(stage1_args(data, tmp_path)))  # the same seed: the same fresh abstractor
     moved = [k for k, v in init.abstractor.state_dict().items() if not torch.equal(m.abstractor.state_dict()[k], v)]
     assert len(moved) > len(init.abstractor.state_dict()) // 2  # the abstractor trained
     assert set(load_file(out / "checkpoint" / "trainable.safetensors")) == {
@@ -202,7 +202,7 @@ def test_freeze_vision_trains_the_abstractor_only_and_keeps_the_vit_bit_for_bit(
 
 
 def test_stage1_gradient_flows_through_the_frozen_llama(data, tmp_path):
-    args = train.parse_args(stage1_args(data, tmp_path))
+    args = parse(stage1_args(data, tmp_path))
     tok, _, _ = train.data_setup(args)
     model = train.build_model(args)
     ex, _ = load_examples([f"{data}/caps.jsonl"], tok, 512)
@@ -220,7 +220,7 @@ def test_stage1_gradient_flows_through_the_frozen_llama(data, tmp_path):
 
 def test_adapter_merged_later_equals_merged_output_and_generates_the_same(s2_batch2, tmp_path):
     out = tmp_path / "merged"
-    lora_main(["merge", OWL, str(s2_batch2 / "adapter.safetensors"), str(out)])
+    convert_main(["merge", OWL, str(s2_batch2 / "adapter.safetensors"), str(out)])
     assert_same(s2_batch2 / "model.safetensors", out / "model.safetensors", 1e-6)
     meta = json.load(open(s2_batch2 / "adapter.json"))
     assert meta["r"] == 8 and meta["targets"] == ["q_proj", "v_proj"] and len(meta["base_sha256"]) == 64
@@ -263,11 +263,11 @@ def test_cli_bad_input_is_one_line(data, tmp_path):
     bad.write_text('{"image": "0.png", "caption": "ok"}\n{"image": "0.png", "caption": \n')
     r = run_cli(["train.py", *stage2_args(data, tmp_path / "o1")[:4], "--data", str(bad), "--out", str(tmp_path / "o1")])
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == [f"error: {bad}:2: malformed JSON line (Expecting value)"]
+    assert r.stderr.strip().splitlines() == [f"error: {bad}:2: not valid JSON (Expecting value)"]
     assert not (tmp_path / "o1").exists()  # nothing half-written
     r = run_cli(["train.py", "--stage", "2", "--init", LLAMA, "--data", f"{data}/alpaca.json", "--out", str(tmp_path / "o2")])
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
-    assert "is not an mPLUG-Owl checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert "is not an mPLUG-Owl model folder" in r.stderr and "Traceback" not in r.stderr
     r = run_cli(["train.py", "--check-data", "--init", OWL, "--data", f"{data}/sft.jsonl,{data}/alpaca.json,{data}/caps.jsonl",
                  "--max-length", "100"])
     assert r.returncode == 0, r.stderr

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import owl
 from owl.llama import Llama
-from owl.weights import map_official
+from owl.weights import drop_rope_buffers
 from tests.conftest import tiny_model
 
 
@@ -85,7 +85,7 @@ def test_official_key_map_covers_every_parameter(name, ref):
     official_with_buffers = dict(official, **{
         f"language_model.model.layers.{i}.self_attn.rotary_emb.inv_freq": (64,)
         for i in range(cfg.text_config.num_hidden_layers)})
-    mapped = map_official(official_with_buffers)
+    mapped = drop_rope_buffers(official_with_buffers)
     assert mapped.keys() == ours.keys()
     assert all(mapped[k] == ours[k] for k in ours)
     if name == "owl-7b":
@@ -93,7 +93,7 @@ def test_official_key_map_covers_every_parameter(name, ref):
         assert 7.0e9 < n < 7.3e9  # "about 7.2B" (paper)
     else:  # the tiny preset is exactly the reference checkpoint's shape
         ck = load_file(os.path.join(ref, "mplug_owl", "model.safetensors"))
-        assert {k: tuple(v.shape) for k, v in map_official(ck).items()} == ours
+        assert {k: tuple(v.shape) for k, v in drop_rope_buffers(ck).items()} == ours
 
 
 # ----------------------------------------------------------------------------- LLaMA config variants

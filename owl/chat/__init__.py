@@ -1,1 +1,2 @@
-"""chat.py's library: the multi-turn session engine (session.py) and the OwlEval runner (owleval.py)."""
+"""chat.py's library: the multi-turn session engine (session.py) and a model folder made ready to
+answer (load.py), both shared with `python -m owl.eval`."""

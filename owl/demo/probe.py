@@ -1,6 +1,6 @@
 """Does the demo's stand-in LLM look things up by the question's words? A research probe, not a test.
 
-  python train.py --demo runs/demo && python -m owl.demo.probe runs/demo
+  python -m owl.demo runs/demo && python -m owl.demo.probe runs/demo
 
 It reads the pretrained stand-in LLM (OUT/llm) and its training text (OUT/world/corpus.jsonl) and,
 per question template, sets its teacher-forced answer accuracy on its own training conversations
@@ -84,13 +84,13 @@ def probe(llm, tok, corpus_file, n_docs=3000):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("out", help="the OUT of a finished `python train.py --demo OUT`")
+    ap.add_argument("out", help="the OUT of a finished `python -m owl.demo OUT`")
     ap.add_argument("--docs", type=int, default=3000, help="corpus documents to read")
     args = ap.parse_args(argv)
     llm_dir, corpus = os.path.join(args.out, "llm"), os.path.join(args.out, "world", "corpus.jsonl")
     for p in (llm_dir, corpus):
         if not os.path.exists(p):
-            sys.exit(f"error: {p} not found: run `python train.py --demo {args.out}` first")
+            sys.exit(f"error: {p} not found: run `python -m owl.demo {args.out}` first")
     llm = load_llama(llm_dir)
     tok = load_tokenizer(llm_dir)
     with open(corpus) as f:  # an image slot holds the notes' words and a full stop

@@ -185,7 +185,7 @@ def write_report(out, d, results, ceiling, probes, captions, runs, times):
         md.append(f"| {imgs} | {q} | {s['answer']} | {s['prediction'].strip()} {'✓' if s['correct'] else '✗'} |")
     md += ["", "## Time (seconds)", "", "| " + " | ".join(report["times_s"]) + " |",
            "|---" * len(report["times_s"]) + "|", "| " + " | ".join(str(v) for v in report["times_s"].values()) + " |",
-           "", f"Chat with the model: `python chat.py --checkpoint {os.path.join(out, 'stage2')}`", ""]
+           "", f"Chat with the model: `python chat.py --model {os.path.join(out, 'stage2')}`", ""]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(md))
     print("\n".join(md[:8]), flush=True)

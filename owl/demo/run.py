@@ -1,6 +1,6 @@
 """The whole mPLUG-Owl method, end to end, on a CPU in minutes.
 
-    python train.py --demo OUT [--ablation]
+    python -m owl.demo OUT [--ablation] [--seeds N] [--seed S]     (__main__.py)
 
 1. world.py makes a synthetic world and files.py writes it: images, captions, instructions, a text corpus, a
    tokenizer.
@@ -10,6 +10,8 @@
    ViT-L/14, which we cannot download). owl/demo/stand_ins.py.
 3. Stage 1 (train.py --stage 1): ViT + abstractor + queries trained on captions, LLaMA frozen.
 4. Stage 2 (train.py --stage 2): LoRA + abstractor trained on text-only and multimodal instructions.
+   Each stage runs as `python train.py ...`, the command printed before it: the very command a run
+   at scale uses, on the demo's files.
 5. Greedy answers to held-out questions on held-out images are scored (exact match after
    normalisation) and OUT/report.json, OUT/report.md, OUT/loss.png and OUT/samples/ are written.
 With --ablation it also trains the paper's Table 2 variants: stage 1 only (no instruction tuning),
@@ -31,6 +33,9 @@ to reach its MLPs too.
 """
 import json
 import os
+import shlex
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -43,7 +48,14 @@ from ..config import OwlConfig, VisionConfig, AbstractorConfig, LlamaConfig
 from ..generate import generate
 from ..image import load_image
 from ..tokenizer import Tokenizer, build_prompt
+from ..train.config import TrainConfig, to_argv
 from ..weights import load_model
+
+TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "train.py")
+
+
+class DemoError(RuntimeError):
+    """A demo that cannot start or go on: python -m owl.demo prints it as one line."""
 
 
 @dataclass
@@ -158,53 +170,63 @@ def describe(model, tok, test_file, n=40, batch_size=20):
 
 # ----------------------------------------------------------------------------- the stages, through train.py
 
-def stage_args(d: DemoConfig, stage, out, data, steps, lr, seed):
-    return ["--stage", stage, "--data", ",".join(data), "--out", out, "--max-steps", steps, "--batch-size",
-            d.batch_size, "--lr", lr, "--warmup-steps", max(1, steps // 10), "--seed", seed, "--dropout", 0,
-            "--save-every", 0, "--eval-every", max(steps // 4, 1), "--eval-examples", 64, "--device", "cpu"]
+def train_stage(cfg: TrainConfig, threads=0):
+    """Run `python train.py` with the options of cfg, printing that command first; returns cfg.out."""
+    argv = to_argv(cfg)
+    print("[demo] python train.py " + shlex.join(argv), flush=True)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    r = subprocess.run([sys.executable, TRAIN_PY, *argv], env=env)
+    if r.returncode:
+        raise DemoError(f"the stage above stopped (train.py exited with {r.returncode}); {cfg.out} has what it wrote")
+    return cfg.out
 
 
-def stage1(train_main, d, out, world_paths, clip_dir, llm_dir, steps, seed, freeze_vision=False):
+def stage_config(d: DemoConfig, stage, out, data, steps, lr, seed, **more):
+    return TrainConfig(stage=stage, data=",".join(data), out=out, max_steps=steps, batch_size=d.batch_size, lr=lr,
+                       warmup_steps=max(1, steps // 10), seed=seed, dropout=0, save_every=0,
+                       eval_every=max(steps // 4, 1), eval_examples=64, device="cpu", **more)
+
+
+def stage1(d, out, world_paths, clip_dir, llm_dir, steps, seed, freeze_vision=False):
     """Stage 1: ViT + abstractor + queries on captions, LLaMA frozen (train.py --stage 1); with
     freeze_vision the abstractor and queries only (--freeze-vision)."""
-    args = stage_args(d, 1, out, [world_paths["captions"]], steps, d.stage1_lr, seed) + [
-        "--vision-init", clip_dir, "--llm-init", llm_dir, "--num-queries", d.num_query_tokens,
-        "--vision-lr", d.stage1_vision_lr,
-        "--abstractor-layers", d.abstractor_layers, "--abstractor-heads", 4, "--abstractor-mlp", 256]
-    return train_main([str(x) for x in args + (["--freeze-vision"] if freeze_vision else [])])
+    return train_stage(stage_config(
+        d, 1, out, [world_paths["captions"]], steps, d.stage1_lr, seed, vision_init=clip_dir, llm_init=llm_dir,
+        num_queries=d.num_query_tokens, vision_lr=d.stage1_vision_lr, abstractor_layers=d.abstractor_layers,
+        abstractor_heads=4, abstractor_mlp=256, freeze_vision=freeze_vision), d.threads)
 
 
-def stage2(train_main, d, out, world_paths, init, steps, seed):
+def stage2(d, out, world_paths, init, steps, seed):
     """Stage 2: LoRA + abstractor on multimodal and text-only instructions, ViT frozen (--stage 2)."""
     data = [world_paths["instructions"], world_paths["text_instructions"]]
-    args = stage_args(d, 2, out, data, steps, d.stage2_lr, seed) + [
-        "--init", init, "--lora-r", d.lora_r, "--lora-alpha", d.lora_alpha, "--lora-targets", d.lora_targets]
-    return train_main([str(x) for x in args])
+    return train_stage(stage_config(d, 2, out, data, steps, d.stage2_lr, seed, init=init, lora_r=d.lora_r,
+                                    lora_alpha=d.lora_alpha, lora_targets=d.lora_targets), d.threads)
 
 
 # ----------------------------------------------------------------------------- the whole demo
 
-def run_demo(out, train_main, ablation=False, quick=False, **overrides):
-    """Generate the world, pretrain the stand-ins, run both stages, evaluate, write the report; returns
-    out. train_main is train.py's main (argv -> output dir): the demo trains through the very code a
-    real run does, and the package never imports the script."""
+def run_demo(out, ablation=False, quick=False, **overrides):
+    """Generate the world, pretrain the stand-ins, run both stages (each as `python train.py ...`),
+    evaluate, write the report; returns out."""
     d = DemoConfig(**{**(QUICK if quick else {}), **overrides})
     # train.py refuses to overwrite a stage's output, so a second run into the same OUT would stop after
     # minutes of pretraining: refuse at once instead, and never delete an earlier run
     earlier = [n for n in ("stage1", "stage2", "unaligned", "stage2_only", "frozen_vit", "seed1")
                if os.path.exists(os.path.join(out, n))]
     if earlier:
-        raise FileExistsError(f"{os.path.join(out, earlier[0])} exists (an earlier demo run): choose another OUT "
-                              f"or remove it")
+        raise DemoError(f"{os.path.join(out, earlier[0])} exists (an earlier demo run): choose another OUT "
+                        f"or remove it")
+    if not os.path.isfile(TRAIN_PY):
+        raise DemoError(f"{TRAIN_PY}: not found (the demo runs each stage as `python train.py`, beside owl/)")
     threads = torch.get_num_threads()
     torch.set_num_threads(d.threads or threads)
     try:
-        return _run_demo(out, train_main, d, ablation)
+        return _run_demo(out, d, ablation)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_demo(out, train_main, d: DemoConfig, ablation):
+def _run_demo(out, d: DemoConfig, ablation):
     cfg = owl_config(d)
     os.makedirs(out, exist_ok=True)
     times, t = {}, time.time()
@@ -235,23 +257,23 @@ def _run_demo(out, train_main, d: DemoConfig, ablation):
     runs = {}  # arm -> one checkpoint per training seed
     for seed in range(d.seeds):
         at, tag = (out, "") if seed == 0 else (os.path.join(out, f"seed{seed}"), f"_seed{seed}")
-        s1 = stage1(train_main, d, os.path.join(at, "stage1"), paths, clip_dir, llm_dir, d.stage1_steps, seed)
+        s1 = stage1(d, os.path.join(at, "stage1"), paths, clip_dir, llm_dir, d.stage1_steps, seed)
         lap(f"stage1{tag}")
         runs.setdefault("both", []).append(
-            stage2(train_main, d, os.path.join(at, "stage2"), paths, s1, d.stage2_steps, seed))
+            stage2(d, os.path.join(at, "stage2"), paths, s1, d.stage2_steps, seed))
         lap(f"stage2{tag}")
         if ablation:
             runs.setdefault("stage1_only", []).append(s1)  # multimodal pretraining, no instruction tuning
             # No multimodal pretraining: stage 1 for 0 steps exports the unaligned model (the stand-in CLIP
             # ViT, a fresh abstractor, the LLM) by the same code path; stage 2 then starts from it.
-            s0 = stage1(train_main, d, os.path.join(at, "unaligned"), paths, clip_dir, llm_dir, 0, seed)
+            s0 = stage1(d, os.path.join(at, "unaligned"), paths, clip_dir, llm_dir, 0, seed)
             runs.setdefault("stage2_only", []).append(
-                stage2(train_main, d, os.path.join(at, "stage2_only"), paths, s0, d.stage2_steps, seed))
+                stage2(d, os.path.join(at, "stage2_only"), paths, s0, d.stage2_steps, seed))
             # The frozen-encoder recipe (LLaVA, MiniGPT-4): stage 1 trains the abstractor only.
-            f1 = stage1(train_main, d, os.path.join(at, "frozen_vit", "stage1"), paths, clip_dir, llm_dir,
+            f1 = stage1(d, os.path.join(at, "frozen_vit", "stage1"), paths, clip_dir, llm_dir,
                         d.stage1_steps, seed, freeze_vision=True)
             runs.setdefault("frozen_vit", []).append(
-                stage2(train_main, d, os.path.join(at, "frozen_vit", "stage2"), paths, f1, d.stage2_steps, seed))
+                stage2(d, os.path.join(at, "frozen_vit", "stage2"), paths, f1, d.stage2_steps, seed))
             lap(f"ablation{tag}")
     results = {name: [evaluate(*load_model(path), paths["test"]) for path in paths_] for name, paths_ in runs.items()}
     captions = describe(*load_model(runs["both"][0]), paths["test"])
@@ -263,4 +285,8 @@ def _run_demo(out, train_main, d: DemoConfig, ablation):
               "after stage 1": probe_vit(s1_model.vision_model, paths["labels"])}
     lap("evaluate")
     write_report(out, d, results, ceiling, probes, captions, runs, times)
+    image = os.path.join(out, "world", "images", sorted(os.listdir(os.path.join(out, "world", "images")))[0])
+    print(f"[demo] the report: {os.path.join(out, 'report.md')}; the model: {runs['both'][0]}\n"
+          f"[demo] chat with it: python chat.py --model {shlex.quote(runs['both'][0])} --image {shlex.quote(image)}",
+          flush=True)
     return out

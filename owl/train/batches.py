@@ -1,16 +1,11 @@
 """Examples -> what the loop consumes: a held-out split, the step-indexed sampler that makes batch,
 accumulation and processes see the same examples per step, the dataset (images read here, in the
-DataLoader's workers), the collate function (right padding), and the held-out loss.
+DataLoader's workers) and the collate function (right padding).
 """
 import torch
 
 from ..image import ImageError, load_image, preprocess_image
-from ..model import lm_loss_sum
 from ..tokenizer import IGNORE
-from .data import DataError
-from .fsdp import with_dummy_image
-from .parallel import all_sum
-from .stages import train_mode
 
 
 def step_batches(examples, *, image_size, batch_size, grad_accum, max_steps, seed, rank, world, start_step, workers,
@@ -22,12 +17,6 @@ def step_batches(examples, *, image_size, batch_size, grad_accum, max_steps, see
     return dataset, iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                                      num_workers=workers, generator=torch.Generator(),  # (global RNG kept)
                                                      worker_init_fn=worker_init_fn if workers else None))
-
-
-def split_examples(examples, n_eval, seed):
-    """(train, held-out): a fixed shuffle (seed) puts n_eval examples aside for the eval loss."""
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 1)).tolist()
-    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -98,27 +87,3 @@ def collate(items, pad_id=0):
     px = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
     return {"input_ids": ids, "labels": labels, "pixel_values": torch.cat(px) if px else None, "bad": bad}
 
-
-def eval_loss(model, examples, *, batch_size, stage, rank, world, device, autocast, sharded=False):
-    """Mean target-token loss over the held-out examples (sharded over the ranks). sharded (FSDP): every
-    rank runs as many batches as the busiest, each with an image (fsdp.py); the spare ones count nothing."""
-    ds, total, count = OwlDataset(examples, model.config.vision_config.image_size), 0.0, 0
-    mine = list(range(rank, len(ds), world))
-    most = -(-len(ds) // world) if sharded else len(mine)  # sharded: the busiest rank's count, on every rank
-    rounds = -(-most // batch_size)
-    model.eval()
-    with torch.no_grad(), autocast:
-        for i in range(0, rounds * batch_size, batch_size):
-            mine_now = mine[i:i + batch_size]
-            b = collate([ds[j] for j in mine_now or [0]])  # (a spare round, sharded: example 0, not counted)
-            if sharded:  # FSDP: this forward must run, with an image
-                if not len(b["input_ids"]):
-                    raise DataError(f"held-out example {(mine_now or [0])[0]} and the next: no readable image")
-                b = with_dummy_image(b, model.config.image_tokens, model.config.vision_config.image_size)
-            if len(b["input_ids"]):  # (a batch whose every image is unreadable adds nothing)
-                px = None if b["pixel_values"] is None else b["pixel_values"].to(device)
-                ls, n = lm_loss_sum(model(b["input_ids"].to(device), px), b["labels"].to(device))
-                if mine_now:
-                    total, count = total + ls.item(), count + n
-    train_mode(model, stage)
-    return all_sum(total, world, device) / max(all_sum(count, world, device), 1)

@@ -36,6 +36,9 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
+
+from ..fileio import read_jsonl, read_text
 from ..image import load_image, ImageError
 from ..tokenizer import IGNORE, IMAGE, IMAGE_SLOT, build_prompt, clean_text
 
@@ -100,27 +103,14 @@ def read_records(file):
     """[(where, record)] from a JSON array file or a JSONL file; a malformed line stops here."""
     if not os.path.isfile(file):
         raise DataError(f"{file}: no such data file")
-    with open(file, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{file}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); re-save it as UTF-8") from None
+    text = read_text(file, DataError)
     if text.lstrip().startswith("["):  # a JSON array (LLaVA, Alpaca, ShareGPT, Baize)
         try:
-            records = json.loads(text)
+            out = [(f"{file}[{i}]", r) for i, r in enumerate(json.loads(text))]
         except json.JSONDecodeError as e:
-            raise DataError(f"{file}:{e.lineno}: malformed JSON ({e.msg})") from None
-        out = [(f"{file}[{i}]", r) for i, r in enumerate(records)]
+            raise DataError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
     else:  # JSONL: one record a line
-        out = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    out.append((f"{file}:{n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{file}:{n}: malformed JSON line ({e.msg})") from None
+        out = read_jsonl(file, DataError, text)
     for where, r in out:
         if not isinstance(r, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(r).__name__}")
@@ -310,16 +300,23 @@ def load_examples(files, tok, max_length, image_root=None, check_images=False, i
     return examples, st
 
 
-def training_examples(files, tok, max_length, image_root=None, max_bad_fraction=0.05, images_required=False,
-                      log=print):
-    """load_examples for a training run: the Stats logged, and too many missing images stop here."""
+def training_data(files, tok, max_length, *, image_root, max_bad_fraction, images_required, eval_examples, seed,
+                  log=print):
+    """(training examples, held-out examples) of the data files, read whole (shards are streamed:
+    shards.py): the Stats logged, too many missing images stop here, and eval_examples are held out
+    by a fixed shuffle (None: 2%, at most 200; 0 without --eval-every)."""
     examples, st = load_examples(files, tok, max_length, image_root, images_required=images_required)
     log(st.report())
     n_all = sum(st.formats.values())
     if n_all and st.bad_examples / n_all > max_bad_fraction:
         raise DataError(f"{st.bad_examples} of {n_all} examples have missing images, more than --max-bad-fraction "
                         f"{max_bad_fraction} (first: {', '.join(st.missing[:3])})")
-    return examples
+    n_eval = eval_examples if eval_examples is not None else min(200, len(examples) // 50)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    train, held_out = [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+    if not train:
+        raise DataError(f"no usable training example in {', '.join(files)}")
+    return train, held_out
 
 
 def readable(path):

@@ -13,12 +13,9 @@ import signal
 import socket
 import threading
 
-from ..weights import check_destination
+from ..fileio import check_destination, write_atomic
+from .config import TrainError
 from .state import recover_checkpoint
-
-
-class TrainError(ValueError):
-    """A run that cannot start or go on: train.py prints it as one line."""
 
 
 class Stopped(Exception):
@@ -33,7 +30,7 @@ class Stopped(Exception):
 # ----------------------------------------------------------------------------- OUT
 
 LOCK = ".train.lock"
-# Every name train.py writes into OUT (owl.weights.atomic_dir adds .tmp/.old to checkpoint and .export).
+# Every name train.py writes into OUT (owl.fileio.atomic_dir adds .tmp/.old to checkpoint and .export).
 WRITES = ("metrics.jsonl", "metrics.jsonl.tmp", "checkpoint", "checkpoint.tmp", "checkpoint.old", LOCK, ".export",
           ".export.tmp", ".export.old", "config.json", "model.safetensors", "tokenizer.model", "preprocessor_config.json",
           "adapter.safetensors", "adapter.json", "adapter.safetensors.tmp", "adapter.json.tmp")
@@ -43,7 +40,7 @@ def check_out(out, sources, fresh):
     """OUT is never one of the run's model folders (--init X --out X would overwrite the base); a fresh
     run's OUT is new, empty, or an earlier run's output (metrics, a checkpoint or the lock, and only
     names train.py writes): a folder of anything else is refused before anything is written."""
-    check_destination(out, WRITES if fresh else os.listdir(out) if os.path.isdir(out) else (), sources)
+    check_destination(out, WRITES if fresh else os.listdir(out) if os.path.isdir(out) else (), sources, TrainError)
     have = set(os.listdir(out)) if os.path.isdir(out) else set()
     if fresh and have and not have & {"metrics.jsonl", LOCK, "checkpoint", "checkpoint.tmp", "checkpoint.old"}:
         raise TrainError(f"--out {out} holds a model folder ({', '.join(sorted(have)[:3])}), not a training run's "
@@ -161,16 +158,6 @@ class StopSignals:
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl
-
-def write_atomic(path, text):
-    """The whole file or the old one, never a part: written beside it, synced, renamed over it."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 
 def trim_metrics(file, step, log=print):
     """On resume, keep the lines of steps <= the checkpoint's (the later ones are about to be redone),

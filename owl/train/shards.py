@@ -40,8 +40,8 @@ import torch
 
 from ..image import ImageError, decode_image, preprocess_image
 from ..tokenizer import IGNORE, Tokenizer
-from .batches import collate, split_examples
-from .data import DataError, tokenize_caption, training_examples
+from .batches import collate
+from .data import DataError, tokenize_caption
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the first present is the sample's image
 KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext: (key, extension)
@@ -105,24 +105,6 @@ def shard_files(data):
     if shards and others:
         raise DataError(f"--data mixes .tar shards with other files ({others[0]}): give one kind per run")
     return shards or None
-
-
-def training_data(data, tok, max_length, *, image_root, max_bad_fraction, images_required, eval_examples, seed,
-                  log=print):
-    """(shards, training examples, held-out examples) of --data: shards (shard_files) are read as a
-    stream, so no example is read up front (None) and none is held out; JSON files are read whole and
-    eval_examples held out (None: 2%, at most 200; 0 without --eval-every)."""
-    shards = shard_files(data)
-    if shards:
-        log(f"data: {len(shards)} shards, read as a stream")
-        return shards, None, []
-    examples = training_examples(data.split(","), tok, max_length, image_root=image_root,
-                                 max_bad_fraction=max_bad_fraction, images_required=images_required, log=log)
-    n_eval = eval_examples if eval_examples is not None else min(200, len(examples) // 50)
-    train_ex, eval_ex = split_examples(examples, n_eval, seed)
-    if not train_ex:
-        raise DataError(f"no usable training example in {data}")
-    return None, train_ex, eval_ex
 
 
 # ----------------------------------------------------------------------------- reading a shard

@@ -22,7 +22,7 @@ from ..lora import LoRALinear, mark_only_lora_as_trainable
 from ..model import MplugOwl
 from ..vision import VisionAttention
 from ..weights import load_llama, load_vision
-from .safety import TrainError
+from .config import TrainError
 
 # Tensors we treat like embeddings: no weight decay (as the 1-D norms and biases).
 NO_DECAY = ("query_tokens", "abstractor.vit_eos", "vision_model.embeddings.cls_token",

@@ -14,7 +14,7 @@ A run sharded with FSDP (fsdp.py) gathers its weights and optimizer state into t
 checkpoint resumes on any number of processes.
 
 read_state gives back exactly the dict torch.save used to hold. A checkpoint is written into
-checkpoint.tmp and renamed into place (owl.weights.atomic_dir); recover_checkpoint puts the newest
+checkpoint.tmp and renamed into place (owl.fileio.atomic_dir); recover_checkpoint puts the newest
 complete one back after a kill at any point of that. An old state.pt (pickle) is refused, never read.
 """
 import json
@@ -25,14 +25,20 @@ import shutil
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..adapter import save_adapter, trainable_state
+from ..fileio import atomic_dir, read_json, read_safetensors, safetensors_shapes
 from ..image import CLIP_MEAN, CLIP_STD
-from ..lora import merge_lora, save_adapter, trainable_state
-from ..weights import CheckpointError, atomic_dir, check_keys, save_model
+from ..lora import merge_lora
+from ..weights import WeightsError, check_keys, save_model
 from .fsdp import full_optimizer_state, full_state, load_full_state, local
 from .parallel import all_sum
+
+
+class CheckpointError(ValueError):
+    """A training checkpoint (OUT/checkpoint) that cannot be saved or resumed: train.py prints one line."""
+
 
 FORMAT = "owl-training-state/1"
 
@@ -144,32 +150,18 @@ def read_meta(folder):
     if not os.path.isfile(file) or not os.path.isfile(os.path.join(folder, "trainable.safetensors")):
         raise CheckpointError(f"{folder}: no training checkpoint to resume from (trainable.safetensors, "
                               f"state.safetensors, state.json)")
-    try:
-        with open(file, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: cannot read the training state ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    meta = read_json(file, CheckpointError, "a training state")
+    if meta.get("format") != FORMAT:
         raise CheckpointError(f"{file}: not a training state of this format ({FORMAT})")
     return meta
-
-
-def read_tensors(file, keep=None, shapes=False):
-    """{name: tensor} of a safetensors file, the names keep(name) holds (shapes: {name: shape}, the header's)."""
-    try:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            return {k: f.get_slice(k).get_shape() if shapes else f.get_tensor(k)
-                    for k in f.keys() if keep is None or keep(k)}
-    except Exception as e:  # a truncated or garbage file
-        raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
 
 
 def read_state(folder, optimizer=True):
     """The training state of a checkpoint folder, as save_checkpoint was given it (optimizer=False:
     without the optimizer's tensors, which FSDP's other ranks get from rank 0)."""
     meta = read_meta(folder)
-    tensors = read_tensors(os.path.join(folder, "state.safetensors"),
-                           None if optimizer else (lambda k: not k.startswith("optimizer.")))
+    tensors = dict(read_safetensors(os.path.join(folder, "state.safetensors"),
+                                    None if optimizer else (lambda k: not k.startswith("optimizer.")), CheckpointError))
     try:
         return files_to_state(tensors, meta, optimizer)
     except (KeyError, TypeError, ValueError, IndexError) as e:
@@ -178,7 +170,7 @@ def read_state(folder, optimizer=True):
 
 def save_checkpoint(ckpt_dir, weights, optimizer_state, scaler, step, rng_states, args, data=None):
     """OUT/checkpoint/ (the files in the module docstring), written to a temporary directory and renamed
-    into place (owl.weights.atomic_dir). weights: the trained tensors; optimizer_state: its state_dict()."""
+    into place (owl.fileio.atomic_dir). weights: the trained tensors; optimizer_state: its state_dict()."""
     state = {"optimizer": optimizer_state, "scaler": scaler.state_dict() if scaler else None,
              "step": step, "rng": rng_states, "args": args, "data": data}
 
@@ -219,8 +211,7 @@ def complete(folder):
     try:
         read_meta(folder)
         for f in ("trainable.safetensors", "state.safetensors"):
-            with safe_open(os.path.join(folder, f), framework="pt", device="cpu"):
-                pass
+            safetensors_shapes(os.path.join(folder, f))
         return True
     except Exception:
         return False
@@ -245,40 +236,6 @@ def recover_checkpoint(ckpt_dir, log=print):
 
 # ----------------------------------------------------------------------------- --resume
 
-# Arguments a resumed run must share with the first one: another value would not continue that run
-# (another model shape, other data, another held-out split). The others may change, with a warning
-# where it changes the result (MEANINGFUL); batch, accumulation and processes are warned about in resume.
-EXACT = ("stage", "data", "init", "vision_init", "llm_init", "num_queries", "abstractor_layers", "abstractor_hidden",
-         "abstractor_heads", "abstractor_mlp", "lora_r", "lora_alpha", "lora_targets", "freeze_abstractor",
-         "freeze_vision", "max_length", "image_root", "seed", "eval_examples", "eval_every", "full_finetune")
-MEANINGFUL = ("lr", "min_lr", "vision_lr", "warmup_steps", "weight_decay", "grad_clip", "dropout", "lora_dropout",
-              "max_steps", "precision", "shuffle_buffer")
-
-
-def _norm(key, v):
-    if v is None:  # a flag newer than the checkpoint: its absence there meant the default
-        return {"freeze_vision": False}.get(key)
-    if key == "data":
-        return [os.path.abspath(f) for f in v.split(",")]
-    if key in ("init", "vision_init", "llm_init", "image_root"):
-        return os.path.abspath(v)
-    return bool(v) if key == "eval_every" else v  # only whether examples are held out matters
-
-
-def check_resumed_args(was, now, source, log=print):
-    """Compare this run's arguments (a dict) with the first run's (was): an error naming the flags of
-    EXACT that differ, a warning naming those of MEANINGFUL."""
-    def changed(keys):
-        return [f"--{k.replace('_', '-')} {now.get(k)} (was {was.get(k)})" for k in keys
-                if _norm(k, was.get(k)) != _norm(k, now.get(k))]
-    wrong = changed(EXACT)
-    if wrong:
-        raise CheckpointError(f"--resume: {', '.join(wrong)}: not the run saved in {source}; pass its values, "
-                              f"or start a new run with another --out")
-    if changed(MEANINGFUL):
-        log(f"warning: --resume with {', '.join(changed(MEANINGFUL))}: the run goes on, not as the first run would have")
-
-
 def load_checkpoint(ckpt_dir, model, sharded_optimizer=None, rank=0):
     """Load the trained tensors into model (every rank checks the names and shapes in the file's header)
     and return the state. sharded_optimizer (fsdp.py): rank 0 reads weights and optimizer, sends the slices."""
@@ -286,13 +243,13 @@ def load_checkpoint(ckpt_dir, model, sharded_optimizer=None, rank=0):
     state = read_state(ckpt_dir, optimizer=not sharded or rank == 0)
     wfile = os.path.join(ckpt_dir, "trainable.safetensors")
     params = dict(model.named_parameters())
-    shapes = read_tensors(wfile, shapes=True)
+    shapes = safetensors_shapes(wfile, CheckpointError)
     try:
         check_keys({n: p.shape for n, p in params.items() if p.requires_grad}, shapes, wfile)
-    except CheckpointError as e:
+    except WeightsError as e:
         raise CheckpointError(f"{e}\n  hint: resume with the first run's --stage, --lora-*, --freeze-abstractor, "
                               f"--full-finetune and abstractor flags") from None
-    weights = read_tensors(wfile) if not sharded or rank == 0 else {}
+    weights = dict(read_safetensors(wfile, error=CheckpointError)) if not sharded or rank == 0 else {}
     if sharded:
         load_full_state(model, sharded_optimizer, weights, state["optimizer"] or {})
         return state

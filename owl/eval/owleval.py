@@ -9,6 +9,7 @@ image. We answer each conversation in one chat session (the image attached to th
 every single-turn question in a fresh one, greedy unless asked otherwise, and write our answers in the
 answer/ format. `write_html` makes a self-contained rating page (images embedded).
 
+`python -m owl.eval owleval DIR --model M --out answers.jsonl [--html page.html]` runs it (__main__.py).
 The answers file is checked before the first question (its folder exists, it is not a folder, it can
 be written), each answer is appended as soon as it is made, and a re-run answers only the questions
 not in it yet (an answered turn of a conversation is put back into the session, not regenerated).
@@ -20,8 +21,9 @@ import io
 import json
 import os
 
+from ..chat.session import ContextFull
+from ..fileio import check_writable, read_jsonl, write_atomic
 from ..image import ImageError, load_image
-from .session import ContextFull
 
 # The Self-Instruct rating scale the paper uses.
 GRADES = {"A": "correct and satisfying", "B": "acceptable, with minor errors or imperfections",
@@ -33,19 +35,13 @@ class OwlEvalError(ValueError):
 
 
 def _read_jsonl(file, need):
+    """The objects of a JSONL file, each checked to have the fields `need`."""
     rows = []
-    with open(file, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise OwlEvalError(f"{file}:{n}: not valid JSON ({e.msg})") from None
-            missing = [k for k in need if k not in row]
-            if missing:
-                raise OwlEvalError(f"{file}:{n}: missing field(s) {', '.join(missing)}")
-            rows.append(row)
+    for where, row in read_jsonl(file, OwlEvalError):
+        missing = [k for k in need if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise OwlEvalError(f"{where}: missing field(s) {', '.join(missing)}")
+        rows.append(row)
     return rows
 
 
@@ -78,29 +74,13 @@ def read_answers(folder):
     return out
 
 
-def check_writable(out, flag="--out"):
-    """A file that can be written: its folder exists, it is not a folder itself, opening it to append
-    works (a file this creates is removed again: nothing is left behind by a check)."""
-    folder, existed = os.path.dirname(os.path.abspath(out)), os.path.exists(out)
-    if os.path.isdir(out):
-        raise OwlEvalError(f"{flag} {out} is a folder: give a file name")
-    if not os.path.isdir(folder):
-        raise OwlEvalError(f"{flag} {out}: no such folder {folder}")
-    try:
-        open(out, "a").close()
-        if not existed:
-            os.remove(out)
-    except OSError as e:
-        raise OwlEvalError(f"{flag} {out}: cannot write there ({e.strerror})") from None
-
-
 FIELDS = ("image", "question_id", "question", "answer", "model_id")
 
 
 def answered(out, model_id, questions, warn=print):
     """{question_id: answer} already in the answers file (an earlier run stopped partway), checked to be
     this model's answers file; a torn last line (a kill during a write) is dropped with a note."""
-    check_writable(out)
+    check_writable(out, error=OwlEvalError)
     if not os.path.isfile(out):
         return {}
     with open(out, encoding="utf-8", errors="replace") as f:
@@ -155,8 +135,8 @@ def record(q, answer, model_id):
 
 def run(session, folder, questions, model_id, done=None, on_answer=None, progress=None, warn=print):
     """Answer every question not in `done` ({question_id: answer}, see answered); the answer/ records
-    of all of them in question order. on_answer(record) is called as each new answer is made (chat.py
-    appends it to the file), progress(1) per question.
+    of all of them in question order. on_answer(record) is called as each new answer is made (the
+    command appends it to the file), progress(1) per question.
 
     A conversation that outgrows the context window (the tiny test model has 512 positions; the 8-turn
     one on 10.jpg needs more) goes on from a fresh start with the image and the question alone."""
@@ -178,14 +158,6 @@ def run(session, folder, questions, model_id, done=None, on_answer=None, progres
             if progress is not None:
                 progress(1)
     return [record(q, answers[q["question_id"]], model_id) for q in questions]
-
-
-def write_atomic(out, text):
-    """Write the whole file or nothing (a temporary file moved into place)."""
-    tmp = out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, out)
 
 
 def write_jsonl(records, out):

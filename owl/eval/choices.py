@@ -1,5 +1,5 @@
-"""Multiple-choice benchmarks by log-likelihood (MMBench, SEED-Bench, ScienceQA, MME's yes/no): chat.py
---multiple-choice. Each option is scored by the log-likelihood the model gives its tokens after the
+"""Multiple-choice benchmarks by log-likelihood (MMBench, SEED-Bench, ScienceQA, MME's yes/no): `python
+-m owl.eval choices FILE --model M --out preds.jsonl`. Each option is scored by the log-likelihood the model gives its tokens after the
 question's prompt (owl.score_choices, the way lmms-eval scores choices), and the best one is the
 prediction: no generation, no answer parsing.
 
@@ -24,11 +24,11 @@ prompt their order changes nothing, so --circular needs --list-options.
 import base64
 import binascii
 import csv
-import json
 import os
 import string
 from dataclasses import dataclass, field
 
+from ..fileio import read_jsonl as read_lines
 from ..generate import score_choices, visual_tokens
 from ..image import ImageError, decode_image, load_image
 from ..tokenizer import build_prompt
@@ -89,33 +89,26 @@ def _answer_key(answer, options, where):
 
 def read_jsonl(file):
     out, folder = [], os.path.dirname(os.path.abspath(file))
-    with open(file, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{file}:{n}"
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ChoicesError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(r, dict) or "question" not in r or "options" not in r:
-                raise ChoicesError(f"{where}: a question needs \"question\" and \"options\"")
-            opts = r["options"]
-            if isinstance(opts, list):
-                if len(opts) > 26:
-                    raise ChoicesError(f"{where}: more than 26 options")
-                opts = dict(zip(string.ascii_uppercase, opts))
-            if not isinstance(opts, dict) or len(opts) < 2:
-                raise ChoicesError(f"{where}: \"options\" must be a list or an object of at least 2 options")
-            opts = {str(k): str(v) for k, v in opts.items()}
-            images = r.get("image") or []
-            images = [images] if isinstance(images, str) else list(images)
-            paths = [p if os.path.isabs(p) else os.path.join(folder, p) for p in images]
-            for p in paths:
-                if not os.path.isfile(p):
-                    raise ChoicesError(f"{where}: no such image {p}")
-            out.append(Question(r.get("id", n), str(r["question"]), opts, _answer_key(r.get("answer"), opts, where),
-                                str(r.get("hint") or ""), [("path", p) for p in paths], where))
+    for where, r in read_lines(file, ChoicesError):
+        if not isinstance(r, dict) or "question" not in r or "options" not in r:
+            raise ChoicesError(f"{where}: a question needs \"question\" and \"options\"")
+        opts = r["options"]
+        if isinstance(opts, list):
+            if len(opts) > 26:
+                raise ChoicesError(f"{where}: more than 26 options")
+            opts = dict(zip(string.ascii_uppercase, opts))
+        if not isinstance(opts, dict) or len(opts) < 2:
+            raise ChoicesError(f"{where}: \"options\" must be a list or an object of at least 2 options")
+        opts = {str(k): str(v) for k, v in opts.items()}
+        images = r.get("image") or []
+        images = [images] if isinstance(images, str) else list(images)
+        paths = [p if os.path.isabs(p) else os.path.join(folder, p) for p in images]
+        for p in paths:
+            if not os.path.isfile(p):
+                raise ChoicesError(f"{where}: no such image {p}")
+        line = int(where.rsplit(":", 1)[1])  # the id of a question without one
+        out.append(Question(r.get("id", line), str(r["question"]), opts, _answer_key(r.get("answer"), opts, where),
+                            str(r.get("hint") or ""), [("path", p) for p in paths], where))
     return out
 
 
@@ -204,8 +197,8 @@ def model_scorer(model, tokenizer, normalize="sum"):
 def evaluate(questions, score, *, circular=False, list_options=False, progress=None):
     """One record per question: id, scores ({key: log-likelihood}, the file's order), prediction (a
     key), answer, correct (None without an answer); with circular also "rotations", the prediction of
-    each rotation as a key of the file's order. score(prompt, choices, images) -> [float] (chat.py:
-    choices_scorer); it gets the same images list for every rotation of a question."""
+    each rotation as a key of the file's order. score(prompt, choices, images) -> [float]
+    (model_scorer); it gets the same images list for every rotation of a question."""
     if circular and not list_options:
         raise ChoicesError("--circular needs --list-options: without the options in the prompt their order "
                            "changes nothing")
@@ -241,7 +234,7 @@ def accuracy(records):
 
 
 def summary(records, circular=False, source="the file"):
-    """The line chat.py prints: the accuracy, or that there are no answers."""
+    """The line the command prints: the accuracy, or that there are no answers."""
     right, answered = accuracy(records)
     if not answered:
         return f"{source} has no answers: predictions only"
@@ -249,7 +242,7 @@ def summary(records, circular=False, source="the file"):
 
 
 def run(model, tokenizer, questions, out, *, circular=False, list_options=False, normalize="sum", progress=None):
-    """chat.py --multiple-choice: evaluate every question with the model, the records written to `out`
+    """python -m owl.eval choices: evaluate every question with the model, the records written to `out`
     (JSONL, whole or not at all)."""
     records = evaluate(questions, model_scorer(model, tokenizer, normalize), circular=circular,
                        list_options=list_options, progress=progress)
