@@ -15,6 +15,11 @@ REF = os.path.join(ROOT, "tests", "fixtures", "reference")  # a copy of shared/r
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_configure(config):
+    # torch.compile's own internals call the deprecated torch.jit.script_method (torch 2.13): not ours
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
 def load_cases(ref=REF):
     """The reference generation cases (prompt, images, the official model's greedy ids, ...)."""
     with open(os.path.join(ref, "cases.json")) as f:

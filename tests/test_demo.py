@@ -20,6 +20,7 @@ from owl.llama import Llama
 from owl.tokenizer import IGNORE
 from owl.train.config import parse
 from owl.vision import VisionTransformer
+from tests import test_readme as readme
 from tests.conftest import ROOT
 
 
@@ -114,6 +115,8 @@ def test_reduced_demo_end_to_end(tmp_path, capfd):
     assert [parse(shlex.split(c)).out for c in commands] == [os.path.join(out, d) for d in (
         "stage1", "stage2", "unaligned", "stage2_only", "frozen_vit/stage1", "frozen_vit/stage2")]
     assert "--freeze-vision" in commands[4] and parse(shlex.split(commands[1])).init == os.path.join(out, "stage1")
+    cmds = readme.commands()  # what the README's commands after the demo read, the demo wrote
+    assert all(os.path.exists(os.path.join(out, p)) for p in readme.paths_read_from(readme.demo_out(cmds), cmds))
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
     assert set(report["ablation"]) == {"both", "stage1_only", "stage2_only", "frozen_vit"}

@@ -1,7 +1,9 @@
 """Every tutorial notebook runs top to bottom (nbclient, no network), in the tutorials/ folder as a
 reader would run it, and the cells that check an equality print that it holds."""
 import glob
+import json
 import os
+import re
 
 import pytest
 
@@ -40,3 +42,13 @@ def test_notebook_runs(path):
         assert "merged == unmerged: True" in text
     if name.startswith("6_"):  # (its real-checkpoint cells run, or say they are skipped: either is fine)
         assert "batched == one by one: True" in text and "cache == from scratch: True" in text
+
+
+def test_stored_outputs_hold_no_path_of_the_machine_that_ran_them():
+    """A notebook's stored outputs are what a reader sees first: nothing of the machine that ran them
+    (an absolute home, temp or work path)."""
+    machine = re.compile(r"(?<![\w.])/(?:root|home|tmp|work|Users|var/folders)/|[A-Z]:\\\\")
+    assert machine.search("skipped: no model at /root/models/x") and not machine.search("runs/demo/stage2")
+    for path in NOTEBOOKS:
+        stored = json.dumps([c.get("outputs", []) for c in json.load(open(path, encoding="utf-8"))["cells"]])
+        assert not machine.search(stored), (os.path.basename(path), machine.search(stored).group(0))
