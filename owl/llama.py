@@ -157,18 +157,32 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.grad_checkpointing = False
+        self.spare_caches = None  # the last setup_caches' KVCaches, for the next one (a plain list: no state)
 
     def setup_caches(self, batch_size, max_seq_len, dtype=None, device=None):
         """Allocate a KV cache in every layer (call before generating) for max_seq_len positions,
         rounded up by cache_length so that other prompt lengths reuse one compiled decode step.
         Its dtype defaults to the embedding's, which owl/quant.py never quantizes (lm_head may be int8).
-        Returns the caches (a session that keeps them across calls checks them with has_caches)."""
+        Returns the caches (a session that keeps them across calls checks them with has_caches).
+
+        The caches of the last call are kept by reset_caches and handed out again when the shape,
+        dtype, device and inference mode match: no allocation and zero-fill per generate call, and a
+        compiled step's CUDA graph replays on the same buffers instead of re-recording (its inputs'
+        addresses are part of the graph). The slots an earlier use wrote are masked until overwritten,
+        as the static cache's are anyway. reset_caches(free=True) gives the memory back."""
         w = self.model.embed_tokens.weight
         L = cache_length(max_seq_len, self.config.max_position_embeddings)
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(batch_size, self.config.num_key_value_heads, L,
-                                               self.config.head_dim, dtype or w.dtype, device or w.device)
-        return [layer.self_attn.kv_cache for layer in self.model.layers]
+        shape = (batch_size, self.config.num_key_value_heads, L, self.config.head_dim)
+        dtype, device = dtype or w.dtype, torch.device(device or w.device)
+        spare = self.spare_caches
+        if not (spare and spare[0].k.shape == shape and spare[0].k.dtype == dtype and spare[0].k.device == device
+                and spare[0].k.is_inference() == torch.is_inference_mode_enabled()):
+            self.spare_caches = spare = None  # the old ones go before the new ones are allocated
+            spare = [KVCache(batch_size, shape[1], L, shape[3], dtype, device) for _ in self.model.layers]
+        self.spare_caches = spare
+        for layer, cache in zip(self.model.layers, spare):
+            layer.self_attn.kv_cache = cache
+        return spare
 
     def cache_len(self):
         """The length of the KV caches in place (None without)."""
@@ -180,9 +194,12 @@ class Llama(nn.Module):
         this model sets up and resets its own, and then a chat session must start a fresh cache."""
         return caches is not None and all(layer.self_attn.kv_cache is c for layer, c in zip(self.model.layers, caches))
 
-    def reset_caches(self):
+    def reset_caches(self, free=False):
+        """Take the caches out of the layers; kept for the next setup_caches unless free=True."""
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
+        if free:
+            self.spare_caches = None
 
     def forward(self, input_ids=None, inputs_embeds=None, start_pos=0, pad_mask=None, position_ids=None,
                 last_only=False):

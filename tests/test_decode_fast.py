@@ -36,7 +36,7 @@ def old_generate_tokens(model, input_ids, image_embeds=None, *, max_new_tokens=6
         full[:, start_pos:start_pos + T] = pad_mask
         pad_mask = full
     logits = prefill(model, input_ids, image_embeds, start_pos, pad_mask, position_ids)
-    pos = torch.tensor([start_pos + T])
+    pos = torch.tensor([start_pos + T], device=input_ids.device)
     out, done = [[] for _ in range(B)], [False] * B
     for step in range(max_new_tokens):
         if temperature <= 0:
@@ -135,7 +135,7 @@ def run_both(model, ids, embeds=None, pad_mask=None, new=16, seed=None, stop_aft
     the same ids, the same stream calls in the same order, the generator left in the same state."""
     got = []
     for loop in (generate_tokens, old_generate_tokens):
-        g = None if seed is None else torch.Generator().manual_seed(seed)
+        g = None if seed is None else torch.Generator(device=ids.device).manual_seed(seed)
         calls = []
 
         def stream(t):
@@ -240,3 +240,24 @@ def test_compiled_prefill_and_encoder_equal_eager(ref, owl_model):
         assert callable(compiled_prefill("cpu"))
     finally:
         torch._dynamo.reset()
+
+
+def test_caches_are_reused_between_calls(owl_model):
+    """setup_caches hands out the last caches again when the shape, dtype, device and inference mode
+    match (no allocation per call; a CUDA graph replays on the same buffers); anything else, or
+    reset_caches(free=True), gets new ones. Generating on reused caches gives the same ids."""
+    model, tok = owl_model
+    llm = model.language_model
+    with torch.inference_mode():
+        first = llm.setup_caches(1, 100)
+        llm.reset_caches()
+        assert llm.setup_caches(1, 200) is first  # 100 and 200 positions: one 256-slot cache
+        llm.reset_caches()
+        assert llm.setup_caches(2, 200) is not first
+        llm.reset_caches(free=True)
+        assert llm.spare_caches is None
+    outside = llm.setup_caches(2, 200)  # outside inference mode: tensors autograd may see, not inference ones
+    assert not outside[0].k.is_inference()
+    llm.reset_caches(free=True)
+    prompt = owl.build_prompt([(0, "Say something.", None)])
+    assert owl.generate(model, tok, prompt, max_new_tokens=12) == owl.generate(model, tok, prompt, max_new_tokens=12)
