@@ -27,8 +27,9 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None, noise=No
     """Greedy at temperature 0; else a draw from softmax(logits / T) restricted to the top-k and the
     top-p mass. The draw is argmax(probs / q) with q ~ Exp(1) per token (the exponential race), which
     is what torch.multinomial(probs, 1) computes itself (its one-sample path), so a seed gives the
-    same ids as it did with multinomial, without multinomial's host sync (its input checks). `noise`
-    is q, drawn by the caller (a compiled step cannot take a generator); else drawn here."""
+    same ids as it did with multinomial; written out, the noise q can come in from outside: `noise`
+    is q drawn by the caller (a compiled step cannot take a generator), else it is drawn here. (Some
+    torch versions' multinomial also checks its input on the host: a sync per token, gone here.)"""
     if temperature <= 0:
         return logits.argmax(dim=-1)  # (B,)
     logits = logits.float() / temperature

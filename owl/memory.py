@@ -172,19 +172,17 @@ def fsdp_terms(cfg, D, n, shards):
             "optimizer_state": 8 * n["trainable"] // shards}
 
 
-def quant_weight_bytes(cfg, quantize, D, group_size=128, lm_head=False, device="cuda"):
+def quant_weight_bytes(cfg, quantize, D, group_size=128, lm_head=False):
     """Bytes the LLM's linear layers (lm_head only with lm_head=True) take in owl/quant.py's layouts,
     and the largest one's weight count. int8: 1 byte a weight + a scale a row in the model's dtype;
-    int4: half a byte a weight + a scale and a zero per group of a row (bf16 on CUDA, the model's dtype
-    on the CPU). Fusing (qkv, gate/up) changes neither: the scales are per row, the groups within a row."""
+    int4: half a byte a weight + a bf16 scale and zero per group of a row. Fusing (qkv, gate/up) changes neither: the scales are per row, the groups within a row."""
     c = cfg.text_config
     kv = c.num_key_value_heads * c.head_dim
     shapes = [(c.hidden_size, c.hidden_size), (kv, c.hidden_size), (kv, c.hidden_size), (c.hidden_size, c.hidden_size),
               (c.intermediate_size, c.hidden_size), (c.intermediate_size, c.hidden_size),
               (c.hidden_size, c.intermediate_size)] * c.num_hidden_layers  # (out, in) of q, k, v, o, gate, up, down
     shapes += [(c.vocab_size, c.hidden_size)] * lm_head
-    sz = 2 if device == "cuda" else D
-    per = {"int8": lambda o, i: o * i + o * D, "int4": lambda o, i: o * i // 2 + (i // group_size) * o * 2 * sz}
+    per = {"int8": lambda o, i: o * i + o * D, "int4": lambda o, i: o * i // 2 + (i // group_size) * o * 2 * 2}
     return sum(per[quantize](o, i) for o, i in shapes), sum(o * i for o, i in shapes), max(o * i for o, i in shapes)
 
 
@@ -213,7 +211,7 @@ def estimate(cfg, task="chat", dtype="bf16", context=2048, batch=1, grad_checkpo
         out["kv_cache"] = 2 * c.num_hidden_layers * batch * c.num_key_value_heads * L * c.head_dim * D
         out["activations"] = chat_activations(cfg, D, context, L, batch)
         if quantize:
-            q, n_lin, largest = quant_weight_bytes(cfg, quantize, D, group_size, device=device)
+            q, n_lin, largest = quant_weight_bytes(cfg, quantize, D, group_size)
             out["weights"] += q - D * n_lin
             if quantize == "int8":  # eager prefill dequantizes one weight at a time: F.linear(x, W_q.to(D))
                 out["activations"] += D * largest

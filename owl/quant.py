@@ -8,10 +8,11 @@ gpt-fast's `WeightOnlyInt8Linear` in plain PyTorch; the official code's 8-bit pa
 
 int4: an Int4Linear stores 4-bit weights in groups of `group_size` inputs of a row, each group with
 its own scale and zero (asymmetric: W ~= (q - 8) * s + z, q in 0..15), and multiplies with PyTorch's
-own int4 kernels: `_weight_int4pack_mm` on CUDA (tinygemm, as gpt-fast and torchao use it; bf16
-activations) and `_weight_int4pack_mm_for_cpu` on the CPU. The packed layout is the kernel's, so a
-model is quantized on the device it runs on (the packing differs between CPU and CUDA). 0.53 bytes a
-weight at group 128 (the 4 bits, a bf16 scale and zero per group), a quarter of bf16.
+own int4 kernels: `_weight_int4pack_mm` on CUDA (tinygemm, as gpt-fast and torchao use it) and
+`_weight_int4pack_mm_for_cpu` on the CPU, both with bf16 activations, scales and zeros (the CPU
+kernel takes fp32 too, but runs 30x slower with it). The packed layout is the kernel's, so a model is
+quantized on the device it runs on (the packing differs between CPU and CUDA). 0.53 bytes a weight at
+group 128 (the 4 bits, a bf16 scale and zero per group), a quarter of bf16.
 
 What it is for: memory, and speed where the matmul reads the quantized weight directly. Decoding at
 batch 1 reads every weight once per token, so fewer bytes a weight lower the bandwidth bound. On the
@@ -170,11 +171,9 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4 on CUDA needs in_features a multiple of 32 ({in_features}), out_features of 8 "
                              f"({out_features}) and group_size 32, 64, 128 or 256 ({group_size})")
         self.packed_for = device.type  # the layout of `weight`: moving the module elsewhere would misread it
-        # CUDA's kernel computes in bf16; the CPU's in the activations' dtype (fp32 exact)
-        self.sz_dtype = torch.bfloat16 if device.type == "cuda" else dtype
         self.register_buffer("weight", torch.empty(0, dtype=torch.uint8, device=device))
         self.register_buffer("scales_and_zeros", torch.empty(in_features // group_size, out_features, 2,
-                                                             dtype=self.sz_dtype, device=device))
+                                                             dtype=torch.bfloat16, device=device))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size=128):
@@ -182,7 +181,7 @@ class Int4Linear(nn.Module):
             raise ValueError("Int4Linear has no bias; LLaMA's linear layers have none")
         w = linear.weight
         m = cls(linear.in_features, linear.out_features, group_size, device=w.device, dtype=w.dtype)
-        q, scales, zeros = quantize_weight_int4(w, group_size, m.sz_dtype)
+        q, scales, zeros = quantize_weight_int4(w, group_size)
         m.weight = pack_int4(q, max(m.inner_k_tiles, 2))
         m.scales_and_zeros.copy_(torch.stack([scales, zeros], -1).transpose(0, 1))  # (in / g, out, 2)
         return m
@@ -191,12 +190,9 @@ class Int4Linear(nn.Module):
         if x.device.type != self.packed_for:
             raise RuntimeError(f"this Int4Linear was packed for {self.packed_for}, not {x.device.type}: quantize "
                                f"the model on the device it runs on")
-        x2 = x.reshape(-1, self.in_features)  # (M, in)
-        if self.packed_for == "cpu":
-            y = int4_mm_cpu(x2.to(self.sz_dtype).contiguous(), self.weight, self.group_size, self.scales_and_zeros)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, self.group_size,
-                                                   self.scales_and_zeros)
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, in)
+        mm = int4_mm_cpu if self.packed_for == "cpu" else torch.ops.aten._weight_int4pack_mm
+        y = mm(x2, self.weight, self.group_size, self.scales_and_zeros)  # (M, out), bf16
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)  # (..., out)
 
     def extra_repr(self):

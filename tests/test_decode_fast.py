@@ -24,11 +24,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @torch.inference_mode()
 def old_generate_tokens(model, input_ids, image_embeds=None, *, max_new_tokens=64, start_pos=0, pad_mask=None,
-                        temperature=0.0, top_k=0, top_p=1.0, generator=None, eos_id=2, stream=None):
+                        temperature=0.0, top_k=0, top_p=1.0, generator=None, eos_id=2, stream=None,
+                        decode=decode_one_token):
     """owl.generate.generate_tokens before issue 23 (main @ 4d33e39), with its sample's
     torch.multinomial: logits out of the step, sampling outside, one host copy per step."""
     B, T = input_ids.shape
-    L = model.language_model.cache_len()
+    L = getattr(model, "language_model", model).cache_len()
     position_ids = None
     if pad_mask is not None:
         position_ids = (pad_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -52,7 +53,7 @@ def old_generate_tokens(model, input_ids, image_embeds=None, *, max_new_tokens=6
             break
         if position_ids is not None:
             position_ids = position_ids[:, -1:] + 1
-        logits = decode_one_token(model, token, pos, pad_mask, position_ids)
+        logits = decode(model, token, pos, pad_mask, position_ids)
         pos += 1
     return out
 

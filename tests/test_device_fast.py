@@ -54,12 +54,12 @@ def test_int8_and_int4_layers_multiply_by_their_dequantized_weights(dtype):
     x = torch.randn(3, 256, device=DEVICE, dtype=dtype)
     q8, q4 = Int8Linear.from_linear(lin), Int4Linear.from_linear(lin, 32)
     deq8 = q8.weight.float() * q8.scales.float()[:, None]
-    deq4 = int4_dequantize(*quantize_weight_int4(lin.weight, 32, q4.sz_dtype))
+    deq4 = int4_dequantize(*quantize_weight_int4(lin.weight, 32))
     for q, deq in ((q8, deq8), (q4, deq4)):
         for rows in (x[:1], x):
             want = F.linear(rows.float(), deq)
             err = float((q(rows).float() - want).norm() / want.norm())
-            assert err < (1e-5 if dtype == torch.float32 and DEVICE.type == "cpu" and q is q4 else 2e-2), (type(q), err)
+            assert err < 2e-2, (type(q).__name__, err)  # bf16 activations (int4 always, int8 on the CPU)
 
 
 def test_compiled_prefill_and_step_equal_eager(ref, model):

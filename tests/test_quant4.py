@@ -6,8 +6,9 @@ bytes the model holds, and the accuracy on the reference cases stays where it wa
 The reference model's weights are random (init-normal), where 4 bits cost much more than on a trained
 LLaMA: every weight carries a uniform rounding error of up to (max - min) / 30 of its group, ~8% of
 its spread against int8's ~0.6%, and the tiny model's logits have near ties everywhere. Measured
-(bench/RESULTS.md, issue 23): relative logit error 0.30 (int8: 0.025, bf16: 0.019), 27 of 64
-teacher-forced greedy steps flipped (int8: 2), each where fp32's top two were within 0.42."""
+(bench/RESULTS.md, issue 23), fp32 model: relative logit error 0.29, max |logit difference| 1.51 on
+a logit std of 1.0 (int8: 0.025 and 0.13; bf16 weights: 0.019 and 0.10), 24 of 64 teacher-forced
+greedy steps flipped (int8: 2, bf16: 1), each where fp32's top two were within 0.42."""
 import copy
 import os
 
@@ -34,14 +35,17 @@ def test_int4_groups_round_to_nearest_and_the_kernel_multiplies_by_them():
     assert bool((q.reshape(64, 4, 32).amin(-1) == 0).all() and (q.reshape(64, 4, 32).amax(-1) == 15).all())
     lin = torch.nn.Linear(128, 64, bias=False)
     lin.weight.data.copy_(w)
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
+    for dtype in (torch.float32, torch.bfloat16):
         m = Int4Linear.from_linear(lin.to(dtype), 32)
         assert m.weight.numel() == 64 * 128 // 2  # half a byte a weight
-        q, s, z = quantize_weight_int4(lin.weight, 32, dtype)
+        deq = int4_dequantize(*quantize_weight_int4(lin.weight, 32))
         for rows in (1, 7):
             x = torch.randn(2, rows, 128, dtype=dtype)
-            want = F.linear(x.float(), int4_dequantize(q, s, z))
-            torch.testing.assert_close(m(x).float(), want, rtol=tol, atol=tol * float(want.abs().max()))
+            want = F.linear(x.float(), deq)
+            y = m(x)
+            assert y.dtype == dtype and y.shape == want.shape
+            err = float((y.float() - want).norm() / want.norm())  # the kernel computes in bf16
+            assert err < 1e-2, (dtype, rows, err)
     with pytest.raises(ValueError, match="multiple of group_size"):
         quantize_weight_int4(w, 48)
 
@@ -67,11 +71,11 @@ def test_quantize_merges_fuses_and_counts_bytes():
         assert not any(isinstance(m, LoRALinear) for m in llm.modules())
         assert sum(isinstance(m, cls) for m in llm.modules()) == 4 * len(llm.model.layers)  # qkv, o, gate_up, down
         assert type(llm.lm_head) is torch.nn.Linear
-        # owl.memory's count of the quantized layers == what the model holds (on the CPU: fp32 scales)
+        # owl.memory's count of the quantized layers == what the model holds (int8's scales: fp32 here)
         plain = weight_bytes(model.language_model) - 4 * sum(
             m.weight.numel() for n, m in model.language_model.named_modules()
             if isinstance(m, torch.nn.Linear) and n != "lm_head")
-        counted, _, _ = quant_weight_bytes(model.config, kind, 4, group_size=32, device="cpu")
+        counted, _, _ = quant_weight_bytes(model.config, kind, 4, group_size=32)
         assert weight_bytes(llm) == plain + counted
         with torch.no_grad():
             assert torch.isfinite(q(ids, px)).all()
