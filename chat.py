@@ -193,7 +193,7 @@ def main(argv=None):
             except ValueError as e:
                 raise UsageError(f"--raw-prompt: {e} (one --image per {owl.IMAGE})") from None
         model, tok = load(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter,
-                          ignore_adapter_base=args.ignore_adapter_base, int8=args.int8)
+                          ignore_adapter_base=args.ignore_adapter_base, quantize_to=args.quantize)
         session = ChatSession(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, compile=args.compile)
         if args.prompt is not None or args.raw_prompt is not None:

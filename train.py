@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from owl.image import ImageError
 from owl.lora import apply_lora
-from owl.model import lm_loss_sum, target_count
+from owl.memory import grad_checkpointing_rule
+from owl.model import compile_blocks, lm_loss_sum, target_count
 from owl.train.batches import OwlDataset, collate, step_batches
 from owl.train.config import TrainError, check_resumed, parse
 from owl.train.data import DataError, check_data, training_data
@@ -78,6 +79,19 @@ def data_setup(cfg):
     return tok, cfg.max_length or ctx, model_cfg
 
 
+def grad_checkpointing(cfg, model, device, dtype, max_length, shards):
+    """(on, why): --grad-checkpointing on/off as asked; auto asks owl.memory whether the step fits the
+    device's free memory without it (its estimate is within a few percent of the measured peak)."""
+    if cfg.grad_checkpointing != "auto":
+        return cfg.grad_checkpointing == "on", f"gradient checkpointing {cfg.grad_checkpointing} (--grad-checkpointing)"
+    if device.type != "cuda":
+        return False, "gradient checkpointing off (auto, on the CPU)"
+    return grad_checkpointing_rule(
+        model.config, "full" if cfg.full_finetune else f"stage{cfg.stage}", cfg.batch_size, max_length,
+        {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype], torch.cuda.mem_get_info(device)[0],
+        lora_r=cfg.lora_r, lora_targets=tuple(cfg.lora_targets.split(",")), lora_dropout=cfg.lora_dropout, shards=shards)
+
+
 def build_model(cfg, model_cfg=None):
     """The model of the run, what it trains marked (stages.set_trainable). model_cfg: --init's, if read."""
     if cfg.stage == 1:
@@ -94,7 +108,6 @@ def build_model(cfg, model_cfg=None):
                        cfg.lora_dropout)
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
-    model.vision_model.grad_checkpointing = model.language_model.grad_checkpointing = cfg.grad_checkpointing
     set_trainable(model, cfg.stage, train_abstractor=not cfg.freeze_abstractor, full=cfg.full_finetune,
                   train_vision=not cfg.freeze_vision)
     return model
@@ -147,17 +160,24 @@ def train(cfg, ckpt_dir, lock=None):
     sharded = cfg.full_finetune and world > 1
     if sharded and scaler:
         raise TrainError("--full-finetune across processes needs --precision bf16 or fp32 (no fp16 grad scaler)")
+    if sharded and cfg.compile:
+        raise TrainError("--compile with --full-finetune across processes (FSDP) is not supported yet")
     cast_frozen(model, dtype)
     model.to(device)
     train_mode(model, cfg.stage)
     for name, (t, n) in count_by_module(model).items():
         log(f"{name:16s} trainable {t:>13,d} of {n:>13,d}")
+    on, why = grad_checkpointing(cfg, model, device, dtype, max_length, world if sharded else 1)
+    model.vision_model.grad_checkpointing = model.language_model.grad_checkpointing = on
+    log(why)
+    if cfg.compile:  # regional: each block, so a tower compiles once (owl.model.compile_blocks)
+        compile_blocks(model)
     if sharded:  # each process keeps a slice of every weight, gradient and Adam moment (fsdp.py)
         shard_model(model, world=world, device=device, param_dtype=None if dtype == torch.float32 else dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     vision_scale = cfg.vision_lr / cfg.lr if cfg.vision_lr is not None else 1.0
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, vision_scale), lr=cfg.lr, betas=(0.9, 0.98),
-                            eps=1e-8)
+                            eps=1e-8, fused=device.type == "cuda" and not sharded)  # fused: one kernel per step
     # what the step calls: across processes DDP's wrapper (it all-reduces the gradients), else the model
     step_model = model if world == 1 or sharded else DDP(model, device_ids=[device.index] if device.type == "cuda"
                                                          else None, find_unused_parameters=True)  # text-only: no ViT

@@ -11,6 +11,7 @@ times, and reports medians: the CPU is shared, so a single timing means little. 
 """
 import argparse
 import copy
+import functools
 import json
 import os
 import subprocess
@@ -22,8 +23,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 import owl  # noqa: E402
-from owl.generate import compiled_decode_one_token, decode_one_token, generate_tokens, prefill  # noqa: E402
-from owl.quant import quantize_int8, weight_bytes  # noqa: E402
+from owl.generate import compiled_decode_step, decode_one_token, generate_tokens, prefill  # noqa: E402
+from owl.llama import fuse_projections  # noqa: E402
+from owl.quant import quantize, weight_bytes  # noqa: E402
+from tests.test_decode_fast import old_generate_tokens  # noqa: E402  (main's loop before issue 23, kept as a test)
 from harness import (bandwidth_gbs, build, hf_twin, paired, print_table, race, set_threads,  # noqa: E402
                      transformers)
 
@@ -31,13 +34,21 @@ SHAPES = {"57m": owl.preset("57m"), "7b": owl.preset("owl-7b")}  # the ViT + abs
 PROMPT, NEW, BATCH = 64, 128, 8
 
 
-def owl_decode(model, ids, pad_mask=None, decode=decode_one_token):  # ids (B, T)
+@torch.inference_mode()
+def owl_decode(model, ids, pad_mask=None, decode=None, loop=generate_tokens):  # ids (B, T)
     B, T = ids.shape
     model.language_model.setup_caches(B, T + NEW)
     try:
-        return generate_tokens(model, ids, max_new_tokens=NEW, pad_mask=pad_mask, eos_id=-1, decode=decode)
+        return loop(model, ids, max_new_tokens=NEW, pad_mask=pad_mask, eos_id=-1,
+                    **({} if decode is None else {"decode": decode}))
     finally:
         model.language_model.reset_caches()
+
+
+@functools.lru_cache(maxsize=None)
+def old_compiled_step():
+    """The compiled step before issue 23 (decode_one_token: logits out, sampling outside), on the CPU."""
+    return torch.compile(decode_one_token, fullgraph=True)
 
 
 @torch.inference_mode()
@@ -79,11 +90,11 @@ def int8_quality(model, q, ids, ref_ids):
     return float((a - b).abs().max()), float(a.std()), tf, sum(x == y for x, y in zip(free, ref_ids)) / len(ref_ids)
 
 
-def fixture_quality(lm_head):
-    """The same numbers on the tiny reference checkpoint's four cases (as tests/test_batching_int8.py asserts)."""
+def fixture_quality(kind, lm_head):
+    """The same numbers on the tiny reference checkpoint's four cases (as tests/test_quant4.py asserts)."""
     ref = os.path.join(ROOT, "tests", "fixtures", "reference")
     model, tok = owl.load_model(os.path.join(ref, "mplug_owl"))
-    q = quantize_int8(copy.deepcopy(model), lm_head=lm_head)
+    q = quantize(copy.deepcopy(model), kind, group_size=32, lm_head=lm_head)
     with open(os.path.join(ref, "cases.json")) as f:
         cases = json.load(f)
     diff, agree = 0.0, 0
@@ -137,37 +148,47 @@ def train_rows(device, threads):
     return rows
 
 
-def decode_rows(model, hf, ids, compile, device, dtype, repeats):
-    """Batch-1 decode: owl (eager, int8, int8 + lm_head, compiled) and HF; the bandwidth bound; int8 quality."""
-    shape = model.config
-    q8 = quantize_int8(build(shape, device, dtype), lm_head=False)
-    q8h = quantize_int8(build(shape, device, dtype), lm_head=True)
-    fns = {"owl": lambda: owl_decode(model, ids), "int8": lambda: owl_decode(q8, ids),
-           "int8+head": lambda: owl_decode(q8h, ids)}
-    if compile:  # the first call compiles (about 30 s on the CPU); race() warms up with it
-        fns["compiled"] = lambda: owl_decode(model, ids, decode=compiled_decode_one_token(device.type))
+def decode_rows(model, fused, hf, ids, compile, device, dtype, repeats):
+    """Batch-1 decode: owl (the loop of issue 23 on fused projections), `old` (the loop it replaced,
+    main before issue 23, on the unfused model: the regression check, in the same race), int8, int8 +
+    lm_head, int4, compiled (new and old) and HF; the bandwidth bound; the quantized models' quality."""
+    shape, c = model.config, model.config.text_config
+    group = 128 if c.hidden_size % 128 == 0 and c.intermediate_size % 128 == 0 else 32
+    qs = {"int8": quantize(build(shape, device, dtype), "int8"), "int8+head": quantize(build(shape, device, dtype),
+          "int8", lm_head=True), "int4": quantize(build(shape, device, dtype), "int4", group_size=group)}
+    fns = {"owl": lambda: owl_decode(fused, ids), "old": lambda: owl_decode(model, ids, loop=old_generate_tokens)}
+    fns.update({k: (lambda q=q: owl_decode(q, ids)) for k, q in qs.items()})
+    if compile:  # the first calls compile (20-60 s each on the CPU); race() warms up with them
+        fns["compiled"] = lambda: owl_decode(fused, ids, decode=compiled_decode_step(device.type))
+        fns["old compiled"] = lambda: owl_decode(model, ids, decode=old_compiled_step(), loop=old_generate_tokens)
     if hf is not None:
         fns["hf"] = lambda: hf_decode(hf, ids)
     t, res = race(fns, repeats, device)
     tps = {n: NEW / t[n] for n in t}
     note = "" if hf is None else f"same ids as HF: {res['owl'] == res['hf']}; paired ratio {paired('owl', 'hf'):.2f}x"
-    rows = [(f"decode b=1, {PROMPT} + {NEW} tok (tok/s)", tps["owl"], tps.get("hf"), note)]
+    rows = [(f"decode b=1, {PROMPT} + {NEW} tok (tok/s)", tps["owl"], tps.get("hf"), note),
+            ("  the loop before issue 23, unfused (tok/s)", tps["old"], tps.get("hf"),
+             f"new / old: {tps['owl'] / tps['old']:.2f}x (paired {paired('owl', 'old'):.2f}x); "
+             f"same ids: {res['owl'] == res['old']}")]
     if compile:
         rows.append(("  owl compiled, static cache (tok/s)", tps["compiled"], tps.get("hf"),
                      f"{tps['compiled'] / tps['owl']:.2f}x eager (paired {paired('compiled', 'owl'):.2f}x); "
                      f"same ids: {res['compiled'] == res['owl']}"))
+        rows.append(("  compiled, the loop before issue 23 (tok/s)", tps["old compiled"], tps.get("hf"),
+                     f"new / old: {tps['compiled'] / tps['old compiled']:.2f}x (paired "
+                     f"{paired('compiled', 'old compiled'):.2f}x); same ids: {res['old compiled'] == res['owl']}"))
     bw = bandwidth_gbs(device)
-    for name, m in (("owl", model), ("int8", q8), ("int8+head", q8h)):
+    for name, m in (("owl", fused), *qs.items()):
         need = bytes_per_token(m.language_model)
         rows.append((f"  {name}: {need / 1e6:.0f} MB/token, bound at {bw:.1f} GB/s", bw * 1e9 / need, None,
                      f"reached {tps[name] * need / bw / 1e9:.0%} ({tps[name]:.1f} tok/s)"))
-    for name, m in (("int8", q8), ("int8+head", q8h)):
-        diff, std, tf, free = int8_quality(model, m, ids, res["owl"][0])
-        fdiff, fagree = fixture_quality(lm_head=name == "int8+head")
-        rows.append((f"  {name}: weights {weight_bytes(m.language_model) / 1e6:.0f} MB "
-                     f"(fp {weight_bytes(model.language_model) / 1e6:.0f})", tps[name], None,
+    for name, m in qs.items():
+        diff, std, tf, free = int8_quality(fused, m, ids, res["owl"][0])
+        fdiff, fagree = fixture_quality(name[:4], lm_head=name == "int8+head")
+        rows.append((f"  {name}{f' g{group}' if name == 'int4' else ''}: weights {weight_bytes(m.language_model) / 1e6:.0f}"
+                     f" MB (fp {weight_bytes(model.language_model) / 1e6:.0f})", tps[name], None,
                      f"{tps[name] / tps['owl']:.2f}x fp; max logit diff {diff:.3f} (logit std {std:.3f}), greedy "
-                     f"agree {tf:.0%} teacher-forced, {free:.0%} free; fixtures: diff {fdiff:.3f}, agree {fagree:.0%}"))
+                     f"agree {tf:.0%} teacher-forced, {free:.0%} free; fixtures (g32): diff {fdiff:.3f}, agree {fagree:.0%}"))
     return rows
 
 
@@ -246,13 +267,14 @@ def main():
     hf = hf_twin(model.language_model, device) if transformers else None
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, model.config.text_config.vocab_size, (1, PROMPT), generator=g).to(device)  # (1, 64)
-    rows += threads_noted(lambda: decode_rows(model, hf, ids, a.compile, device, dtype, a.repeats))
+    fused = fuse_projections(copy.deepcopy(model))  # the same weights, q/k/v and gate/up fused (inference)
+    rows += threads_noted(lambda: decode_rows(model, fused, hf, ids, a.compile, device, dtype, a.repeats))
     if hf is not None and device.type == "cpu":
         rows += threads_noted(lambda: overhead_row(ids, device, dtype, a.repeats))
-    rows += threads_noted(lambda: ttft_row(model, hf, ids, device, dtype, 2 * a.repeats))
-    rows += threads_noted(lambda: batch_row(model, hf, device, max(2, a.repeats // 2)))
+    rows += threads_noted(lambda: ttft_row(fused, hf, ids, device, dtype, 2 * a.repeats))
+    rows += threads_noted(lambda: batch_row(fused, hf, device, max(2, a.repeats // 2)))
 
-    del model, hf  # the training rows run in fresh processes (owl only: HF has no mPLUG-Owl)
+    del model, fused, hf  # the training rows run in fresh processes (owl only: HF has no mPLUG-Owl)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     train = [] if a.no_train else train_rows(device, set_threads(a.threads))

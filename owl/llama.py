@@ -4,6 +4,11 @@ Matches HF `LlamaForCausalLM` (transformers 4.31) and uses its parameter names, 
 loads by name. Read bottom-up: RMSNorm, RoPE (free functions next to the formula), the KV cache,
 attention, the SwiGLU MLP, the block, the model. `num_key_value_heads` (grouped-query attention) and
 `rope_theta` come from the config, so LLaMA-1, Llama-2 and Vicuna checkpoints all load.
+
+For inference, fuse_projections (at the end) turns q/k/v into one matmul and gate/up into another
+(gpt-fast's `wqkv` and `w13`): decoding at batch 1 reads every weight once per token, and three
+GEMVs of one input cost three launches and three partial waves where one wide GEMV streams at full
+bandwidth. The fused model still reads and writes the checkpoint's names (q_proj, k_proj, ...).
 """
 import torch
 import torch.nn as nn
@@ -78,13 +83,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+        self.qkv_proj = None  # fuse_projections: [q; k; v] as one (nh + 2 nkv) hs x C matmul
         self.kv_cache = None  # a KVCache while generating (Llama.setup_caches)
 
     def forward(self, x, cos, sin, mask, slots):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.qkv_proj is not None:
+            hs = self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.n_head * hs, self.n_kv_head * hs, self.n_kv_head * hs], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k_all, v_all = self.kv_cache.update(slots, k, v)  # (B, nkv, L, hs): the whole cache
@@ -106,9 +117,14 @@ class MLP(nn.Module):  # SwiGLU
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = None  # fuse_projections: [gate; up] as one 2I x C matmul
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -141,18 +157,32 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.grad_checkpointing = False
+        self.spare_caches = None  # the last setup_caches' KVCaches, for the next one (a plain list: no state)
 
     def setup_caches(self, batch_size, max_seq_len, dtype=None, device=None):
         """Allocate a KV cache in every layer (call before generating) for max_seq_len positions,
         rounded up by cache_length so that other prompt lengths reuse one compiled decode step.
         Its dtype defaults to the embedding's, which owl/quant.py never quantizes (lm_head may be int8).
-        Returns the caches (a session that keeps them across calls checks them with has_caches)."""
+        Returns the caches (a session that keeps them across calls checks them with has_caches).
+
+        The caches of the last call are kept by reset_caches and handed out again when the shape,
+        dtype, device and inference mode match: no allocation and zero-fill per generate call, and a
+        compiled step's CUDA graph replays on the same buffers instead of re-recording (its inputs'
+        addresses are part of the graph). The slots an earlier use wrote are masked until overwritten,
+        as the static cache's are anyway. reset_caches(free=True) gives the memory back."""
         w = self.model.embed_tokens.weight
         L = cache_length(max_seq_len, self.config.max_position_embeddings)
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(batch_size, self.config.num_key_value_heads, L,
-                                               self.config.head_dim, dtype or w.dtype, device or w.device)
-        return [layer.self_attn.kv_cache for layer in self.model.layers]
+        shape = (batch_size, self.config.num_key_value_heads, L, self.config.head_dim)
+        dtype, device = dtype or w.dtype, torch.device(device or w.device)
+        spare = self.spare_caches
+        if not (spare and spare[0].k.shape == shape and spare[0].k.dtype == dtype and spare[0].k.device == device
+                and spare[0].k.is_inference() == torch.is_inference_mode_enabled()):
+            self.spare_caches = spare = None  # the old ones go before the new ones are allocated
+            spare = [KVCache(batch_size, shape[1], L, shape[3], dtype, device) for _ in self.model.layers]
+        self.spare_caches = spare
+        for layer, cache in zip(self.model.layers, spare):
+            layer.self_attn.kv_cache = cache
+        return spare
 
     def cache_len(self):
         """The length of the KV caches in place (None without)."""
@@ -164,9 +194,12 @@ class Llama(nn.Module):
         this model sets up and resets its own, and then a chat session must start a fresh cache."""
         return caches is not None and all(layer.self_attn.kv_cache is c for layer, c in zip(self.model.layers, caches))
 
-    def reset_caches(self):
+    def reset_caches(self, free=False):
+        """Take the caches out of the layers; kept for the next setup_caches unless free=True."""
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
+        if free:
+            self.spare_caches = None
 
     def forward(self, input_ids=None, inputs_embeds=None, start_pos=0, pad_mask=None, position_ids=None,
                 last_only=False):
@@ -215,3 +248,54 @@ def attention_mask(slots, L, pad_mask=None):
     # 0 * NaN); letting every position see itself keeps the padded rows finite and harmless.
     mask = (mask & pad_mask[:, None, :]) | (keys == slots[:, None])  # (B, T, L)
     return mask[:, None]  # (B, 1, T, L)
+
+
+# ----------------------------------------------------------------------------- fused projections
+FUSED = {Attention: ("qkv_proj", ("q_proj", "k_proj", "v_proj")), MLP: ("gate_up_proj", ("gate_proj", "up_proj"))}
+
+
+@torch.no_grad()
+def fuse_projections(model):
+    """Inference only: in every block, q/k/v become one nn.Linear `qkv_proj` (rows [q; k; v]) and
+    gate/up one `gate_up_proj`, in place (model: an MplugOwl or a Llama); returns the model. Same
+    logits up to the matmul's summation order (tests/test_decode_fast.py). Fuse after merging LoRA
+    (owl.lora.merge_lora: an adapter is one per projection) and before quantizing (owl.quant: a
+    per-row or per-group scale does not care which rows share a matrix). state_dict() and
+    load_state_dict() still speak the separate names, so a fused model saves and loads the
+    checkpoint's layout (the fused weight is split into views on the way out, concatenated on the way in)."""
+    llm = getattr(model, "language_model", model)
+    for module in llm.modules():
+        if type(module) not in FUSED or getattr(module, FUSED[type(module)][0]) is not None:
+            continue  # not a block's attention or MLP, or fused already
+        fused_name, names = FUSED[type(module)]
+        parts = [getattr(module, n) for n in names]
+        if any(type(p) is not nn.Linear for p in parts):
+            raise ValueError(f"fuse_projections needs plain nn.Linear {'/'.join(names)} (got "
+                             f"{type(parts[0]).__name__}): merge LoRA first, quantize after fusing")
+        w = torch.cat([p.weight for p in parts])  # (sum of outs, C)
+        fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        fused.weight = nn.Parameter(w, requires_grad=parts[0].weight.requires_grad)
+        setattr(module, fused_name, fused)
+        for n in names:
+            setattr(module, n, None)
+        module.split_sizes = [p.out_features for p in parts]
+        module.register_state_dict_post_hook(_split_fused)
+        module.register_load_state_dict_pre_hook(_cat_fused)
+    return model
+
+
+def _split_fused(module, state_dict, prefix, local_metadata):
+    """state_dict() of a fused module: the fused weight as the checkpoint's separate weights (views)."""
+    fused_name, names = FUSED[type(module)]
+    if prefix + fused_name + ".weight" in state_dict:
+        w = state_dict.pop(prefix + fused_name + ".weight")
+        for n, part in zip(names, w.split(module.split_sizes)):
+            state_dict[prefix + n + ".weight"] = part
+
+
+def _cat_fused(module, state_dict, prefix, *args):
+    """load_state_dict() into a fused module: the checkpoint's separate weights, concatenated."""
+    fused_name, names = FUSED[type(module)]
+    keys = [prefix + n + ".weight" for n in names]
+    if all(k in state_dict for k in keys):
+        state_dict[prefix + fused_name + ".weight"] = torch.cat([state_dict.pop(k) for k in keys])

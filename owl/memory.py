@@ -3,11 +3,12 @@
   python -m owl.memory owl-7b --task chat --dtype bf16 --context 2048      # a preset, or a model folder
   python -m owl.memory MODEL_DIR --task stage1 --batch 4 --context 256 --grad-checkpointing
   python -m owl.memory owl-7b --fits                                       # every task against 16-80 GB cards
+  python -m owl.memory owl-7b --task chat --quantize int4                  # weight-only int8 / int4 (owl/quant.py)
 
 The parameter counts come from the model built on the meta device (with LoRA in stage 2); the rest is
 shape arithmetic that follows what this code keeps alive (read the formulas next to the modules):
 
-  chat    weights (all in --dtype) + the static KV cache (owl/llama.py: the whole context, 2 x layers x
+  chat    weights (all in --dtype, or the LLM's linear layers in int8 / int4: quant_weight_bytes) + the static KV cache (owl/llama.py: the whole context, 2 x layers x
           kv heads x head dim) + the largest prefill temporary (a whole-context prompt at once).
   stage1  ViT + abstractor + queries train; the LLM is frozen in --dtype but backpropagated through
   stage2  LoRA on q/v + the abstractor train (train.py's default); ViT and LLM frozen
@@ -25,7 +26,8 @@ GB here means 2^30 bytes (what torch.cuda.max_memory_allocated / 2**30 shows). M
 torch.profiler's allocation log on the CPU for a 57M-shaped model (tests/test_memory.py: chat and
 both stages within 15%); the CUDA side is what bench/gpu_check.sh prints next to its measurement.
 Not modelled: the CUDA context (~0.5 GB, outside PyTorch's allocator), allocator fragmentation,
-int8 weights, DDP's gradient buckets (another copy of the trainable gradients).
+DDP's gradient buckets (another copy of the trainable gradients). grad_checkpointing_rule turns the
+training estimate into train.py's `--grad-checkpointing auto`.
 """
 import argparse
 import os
@@ -170,6 +172,20 @@ def fsdp_terms(cfg, D, n, shards):
             "optimizer_state": 8 * n["trainable"] // shards}
 
 
+def quant_weight_bytes(cfg, quantize, D, group_size=128, lm_head=False):
+    """Bytes the LLM's linear layers (lm_head only with lm_head=True) take in owl/quant.py's layouts,
+    and the largest one's weight count. int8: 1 byte a weight + a scale a row in the model's dtype;
+    int4: half a byte a weight + a bf16 scale and zero per group of a row. Fusing (qkv, gate/up) changes neither: the scales are per row, the groups within a row."""
+    c = cfg.text_config
+    kv = c.num_key_value_heads * c.head_dim
+    shapes = [(c.hidden_size, c.hidden_size), (kv, c.hidden_size), (kv, c.hidden_size), (c.hidden_size, c.hidden_size),
+              (c.intermediate_size, c.hidden_size), (c.intermediate_size, c.hidden_size),
+              (c.hidden_size, c.intermediate_size)] * c.num_hidden_layers  # (out, in) of q, k, v, o, gate, up, down
+    shapes += [(c.vocab_size, c.hidden_size)] * lm_head
+    per = {"int8": lambda o, i: o * i + o * D, "int4": lambda o, i: o * i // 2 + (i // group_size) * o * 2 * 2}
+    return sum(per[quantize](o, i) for o, i in shapes), sum(o * i for o, i in shapes), max(o * i for o, i in shapes)
+
+
 def chat_activations(cfg, D, T, L, B):
     """The largest inference temporary, in a prefill of T tokens (torch.inference_mode keeps nothing):
     inside a block's MLP, the input embeddings (held by MplugOwl.forward), the residual stream, the
@@ -181,9 +197,9 @@ def chat_activations(cfg, D, T, L, B):
 
 
 def estimate(cfg, task="chat", dtype="bf16", context=2048, batch=1, grad_checkpointing=False, device="cuda",
-             lora_r=8, lora_targets=("q_proj", "v_proj"), lora_dropout=0.05, shards=1):
+             lora_r=8, lora_targets=("q_proj", "v_proj"), lora_dropout=0.05, shards=1, quantize=None, group_size=128):
     """{term: bytes} for one task, and "total": the peak (see the module docstring). shards > 1: the
-    full task per process under FSDP2 (fsdp_terms)."""
+    full task per process under FSDP2 (fsdp_terms). quantize: "int8" or "int4" (chat only)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     D, n = BYTES[dtype], param_counts(cfg, task, lora_r, lora_targets)
@@ -194,6 +210,11 @@ def estimate(cfg, task="chat", dtype="bf16", context=2048, batch=1, grad_checkpo
         out["weights"] = D * n["frozen"]
         out["kv_cache"] = 2 * c.num_hidden_layers * batch * c.num_key_value_heads * L * c.head_dim * D
         out["activations"] = chat_activations(cfg, D, context, L, batch)
+        if quantize:
+            q, n_lin, largest = quant_weight_bytes(cfg, quantize, D, group_size)
+            out["weights"] += q - D * n_lin
+            if quantize == "int8":  # eager prefill dequantizes one weight at a time: F.linear(x, W_q.to(D))
+                out["activations"] += D * largest
         out["total"] = sum(out.values())
         return out
     t = training(cfg, task, D, context, batch, grad_checkpointing, device, lora_targets, lora_dropout, n)
@@ -212,6 +233,23 @@ def estimate(cfg, task="chat", dtype="bf16", context=2048, batch=1, grad_checkpo
                                                                   out["gradients"] + out["adamw_temporaries"]))
     out["trainable_params"], out["frozen_params"] = n["trainable"], n["frozen"]
     return out
+
+
+def grad_checkpointing_rule(cfg, task, batch, context, dtype, free_bytes, headroom=0.10, **kw):
+    """train.py's --grad-checkpointing auto: (on, why in one line). Off when the estimated peak
+    without checkpointing, plus `headroom` (allocator fragmentation, the estimate's few percent),
+    fits `free_bytes` (torch.cuda.mem_get_info's free bytes on the training device, per process);
+    on otherwise. Recomputing every block costs a third more arithmetic (issue 23: stage 1 on an H200
+    ran at 15% MFU with it, 32% without), so it is worth it only where the step would not fit.
+    kw: estimate's (device, lora_r, lora_targets, lora_dropout, shards)."""
+    off = estimate(cfg, task, dtype, context, batch, grad_checkpointing=False, **kw)["total"]
+    if off * (1 + headroom) <= free_bytes:
+        return False, (f"gradient checkpointing off: the estimated peak without it, {gb(off):.1f} GB "
+                       f"(+{headroom:.0%}), fits the {gb(free_bytes):.1f} GB free")
+    on = estimate(cfg, task, dtype, context, batch, grad_checkpointing=True, **kw)["total"]
+    worse = "" if on * (1 + headroom) <= free_bytes else "; even so it may not fit: lower the batch size"
+    return True, (f"gradient checkpointing on: the estimated peak without it, {gb(off):.1f} GB (+{headroom:.0%}), "
+                  f"exceeds the {gb(free_bytes):.1f} GB free (with it {gb(on):.1f} GB){worse}")
 
 
 def load_cfg(name_or_dir):
@@ -249,6 +287,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="AdamW's temporaries differ (foreach)")
     p.add_argument("--fits", action="store_true", help="every task: which 16/24/40/80 GB cards hold it")
     p.add_argument("--shards", type=int, default=1, help="--task full: per process of N under FSDP2")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="--task chat: the LLM's linear layers (owl/quant.py)")
     a = p.parse_args(argv)
     if a.shards < 1 or (a.shards > 1 and a.task != "full"):
         p.error("--shards N >= 1 goes with --task full")
@@ -257,6 +296,8 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if a.quantize and a.task != "chat":
+        p.error("--quantize goes with --task chat")
     kw = dict(dtype=a.dtype, context=a.context, batch=a.batch, grad_checkpointing=a.grad_checkpointing,
               device=a.device)
     print(f"{a.model}: {a.dtype}, context {a.context}, batch {a.batch}"
@@ -271,7 +312,7 @@ def main(argv=None):
         print(f"(a card holds a task when the total plus {CARD_SLACK_GB:.0f} GB for the CUDA context fits)")
         return 0
     print(f"task: {a.task}")
-    print(report(estimate(cfg, a.task, shards=a.shards, **kw), a.task))
+    print(report(estimate(cfg, a.task, shards=a.shards, quantize=a.quantize, **kw), a.task))
     return 0
 
 

@@ -68,6 +68,20 @@ class MplugOwl(nn.Module):
                                    position_ids=position_ids, last_only=last_only)
 
 
+def compile_blocks(model, **compile_kwargs):
+    """Regional compilation for training: torch.compile each block of the ViT, the abstractor and the
+    LLM in place (nn.Module.compile; compile_kwargs go to torch.compile). The blocks of a tower share
+    their code, so a tower compiles once (and once more for a first block whose input needs no
+    gradient), not once per layer as a whole-model compile would trace it; inductor fuses the norms,
+    RoPE, activations and residuals of each block, forward and backward. Gradient checkpointing still
+    wraps each (now compiled) block. The loss and gradients equal eager's up to rounding
+    (tests/test_train_fast.py); dropout draws other random numbers than eager. Returns the model."""
+    for tower in (model.vision_model.encoder.layers, model.abstractor.encoder.layers, model.language_model.model.layers):
+        for block in tower:
+            block.compile(**compile_kwargs)
+    return model
+
+
 def lm_loss_sum(logits, labels):
     """Sum of next-token cross-entropy over the positions whose label is not IGNORE, and their count.
 

@@ -3,6 +3,7 @@ interactive session and the OwlEval runner (python -m owl.eval owleval) equal fr
 the KV cache is reused
 across turns (counted), streaming handles byte-fallback characters, Ctrl-C stops an answer, and bad
 input gives one line and a non-zero exit."""
+import copy
 import json
 import os
 import re
@@ -312,14 +313,16 @@ def test_bad_input(tmp_path, capsys):
     one_line_error(run_main(capsys, "--prompt", "hi", "--max-new-tokens", "0"), "--max-new-tokens")
 
 
-def test_int8_flag(capsys):
-    """--int8 answers as the model quantized here does."""
-    from owl.quant import quantize_int8
-    r = run_main(capsys, "--int8", "--prompt", "hi", "--max-new-tokens", "4")
+def test_quantize_flags(capsys):
+    """--quantize int8|int4 (and --int8) answer as the model quantized here does (owl.quant.quantize:
+    the projections fused, then every linear layer of the LLM but its head)."""
+    from owl.quant import quantize
     model, tok = owl.load_model(CK)
-    quantize_int8(model)
-    want = tok.decode(owl.generate(model, tok, owl.build_prompt([(0, "hi", None)]), max_new_tokens=4))
-    assert r.returncode == 0 and r.stdout == want + "\n", r.stderr
+    for flags, kind in ((["--int8"], "int8"), (["--quantize", "int4"], "int4")):
+        r = run_main(capsys, *flags, "--prompt", "hi", "--max-new-tokens", "4")
+        q = quantize(copy.deepcopy(model), kind)  # (int4: groups of 32, what divides the tiny model's 96)
+        want = tok.decode(owl.generate(q, tok, owl.build_prompt([(0, "hi", None)]), max_new_tokens=4))
+        assert r.returncode == 0 and r.stdout == want + "\n", (kind, r.stderr)
 
 
 def test_context_overflow_is_reported_not_fatal(owl_model, capsys):

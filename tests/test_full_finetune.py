@@ -63,7 +63,7 @@ def test_two_processes_with_fsdp_equal_one_process(data, one_process, tmp_path):
     straight, split, step2 = one_process
     out = tmp_path / "fsdp"
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"]
-    common = ("--batch-size", "1", "--grad-checkpointing", "--save-every", "2")
+    common = ("--batch-size", "1", "--grad-checkpointing", "on", "--save-every", "2")
     r = run_cli([*launch, *full_args(data, out, *common, "--stop-at", "2")])
     assert r.returncode == 0, r.stderr[-3000:]
     gathered = load_file(out / "checkpoint" / "trainable.safetensors")  # the whole tensors, one file

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generate import compiled_decode_one_token, decode_one_token, generate_tokens, visual_tokens
+from ..generate import (compiled_decode_step, compiled_encode, compiled_prefill, decode_step, encode_images,
+                        generate_tokens, prefill, visual_tokens)
 from ..image import load_image
 from ..tokenizer import IMAGE, IMAGE_SLOT, build_prompt, check_image_count
 
@@ -109,8 +110,12 @@ class ChatSession:
         self.device = model.query_tokens.device
         self.generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         self.context = model.config.text_config.max_position_embeddings
-        # The cache spans the whole context (static), so one compiled decode step serves every turn.
-        self.decode = compiled_decode_one_token(self.device.type) if compile else decode_one_token
+        # The cache spans the whole context (static), so one compiled decode step serves every turn;
+        # compile also compiles the ViT + abstractor and the prefill (the first token of every turn).
+        kind = self.device.type
+        self.decode = compiled_decode_step(kind) if compile else decode_step
+        self.prefill = compiled_prefill(kind) if compile else prefill
+        self.encode = compiled_encode(kind) if compile else encode_images
         self.stop_requested = False  # set (e.g. by a Ctrl-C handler) to end the answer after this token
         self._caches = None  # the KV caches set up for this session (Llama.has_caches tells if still in place)
         self._cached = []  # key of every position whose K/V are in the cache: token id or ("img", uid, j)
@@ -219,7 +224,7 @@ class ChatSession:
         """Visual tokens (N, image_tokens, C) of these images, encoding only those not seen before."""
         new = [u for u in dict.fromkeys(uids) if u not in self._embeds]
         if new:
-            self._embeds.update(zip(new, visual_tokens(self.model, [self._images[u][1] for u in new])))
+            self._embeds.update(zip(new, visual_tokens(self.model, [self._images[u][1] for u in new], self.encode)))
         return torch.stack([self._embeds[u] for u in uids]) if uids else None
 
     @torch.inference_mode()
@@ -250,7 +255,7 @@ class ChatSession:
                             self._image_embeds(uids[images_before:]), max_new_tokens=max_new, start_pos=p,
                             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                             generator=self.generator, eos_id=self.tokenizer.eos_id, stream=stream,
-                            decode=self.decode)
+                            decode=self.decode, prefill=self.prefill)
         finally:  # also on KeyboardInterrupt: keep only the positions that were fully computed
             if gen:
                 self._cached = keys + gen[:-1]  # the last sampled token was never run through the model

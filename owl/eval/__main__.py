@@ -115,7 +115,7 @@ def main(argv=None):
         if args.adapter:
             check_adapter(args.adapter, args.model, args.ignore_adapter_base)
         model, tok = load(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter,
-                          ignore_adapter_base=args.ignore_adapter_base, int8=args.int8)
+                          ignore_adapter_base=args.ignore_adapter_base, quantize_to=args.quantize)
         run = run_owleval if args.benchmark == "owleval" else run_choices
         return run(args, model, tok, plan, warn)
     except (WeightsError, ImageError, OwlEvalError, ChoicesError, ChatError, UsageError, OSError) as e:

@@ -62,7 +62,11 @@ class TrainConfig:
     precision: str = opt("auto", "compute precision (auto: bf16 on GPUs that have it, fp16 on others, fp32 on "
                          "CPUs); trained weights and Adam's state stay fp32", "warn",
                          choices=("auto", "fp32", "bf16", "fp16"))
-    grad_checkpointing: bool = opt(False, "recompute activations in backward: less memory, ~1/3 more compute")
+    grad_checkpointing: str = opt("auto", "recompute each block's activations in backward: less memory, ~1/3 more "
+                                  "compute (auto: on a GPU only when owl.memory's estimate without it does not "
+                                  "fit the free memory; off on a CPU)", choices=("auto", "on", "off"))
+    compile: bool = opt(False, "compile each ViT, abstractor and LLaMA block (regional torch.compile): faster "
+                        "steps on a GPU after a first one that waits for the compiler")
     workers: int = opt(None, "DataLoader workers (default: 0 on a CPU, 4 on CUDA)")
     # saving, held-out loss, resuming
     save_every: int = opt(500, "save a checkpoint every N steps; 0 = at the end only")
