@@ -1,7 +1,10 @@
 """Image preprocessing with PIL and numpy (no torchvision), as the official processor does it:
 RGB, bicubic resize straight to size x size (no crop: the aspect ratio is not kept), scale to
 [0, 1], normalise with CLIP's mean and std. (The paper trains on random resizes to 224 x 224.)
-PIL's decompression-bomb guard stays on.
+PIL's decompression-bomb guard stays on. Pillow is asked for the formats a model needs only (FORMATS:
+JPEG (MPO too: the JPEG opener returns it), PNG, WebP, GIF, BMP, TIFF), everywhere an image is opened (files, shard
+members, base64 fields): a PostScript/EPS file named .jpg is refused here, so Ghostscript, which
+Pillow runs for EPS, is never reached.
 
 Images of more than 8 bits (16-bit PNG "I;16", 32-bit integer "I", float "F" TIFFs) are scaled to
 8 bits first: PIL's own convert("RGB") clips them at 255, which turns a 16-bit photo white. The
@@ -10,6 +13,7 @@ integers up to 255 are 8-bit, up to 65535 16-bit, floats up to 1.0 in [0, 1], up
 anything larger is scaled by its own maximum (a guess where the file does not say).
 """
 import io
+import os
 
 import numpy as np
 import torch
@@ -19,8 +23,25 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 
+# What Pillow may decode (an image named anything else is refused in one line).
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
 class ImageError(ValueError):
     pass
+
+
+def image_inside(root, rel, where):
+    """The path of the image `rel` named in a data file, which must stay inside `root` (the file's folder,
+    or an explicit image root): an absolute path, or ../ (or a link) leading out, raises ImageError naming
+    `where` (the row)."""
+    if not isinstance(rel, str) or not rel:
+        raise ImageError(f"{where}: the image must be a non-empty path string, not {rel!r}")
+    base = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(base, rel))
+    if os.path.isabs(rel) or os.path.commonpath([base, path]) != base:
+        raise ImageError(f"{where}: image {rel!r} is outside {root} (images are read from inside its folder only)")
+    return path
 
 
 def to_8bit(image):
@@ -41,7 +62,7 @@ def load_image(path, name=None):
     path may be an open binary file; `name` is then what an error calls it."""
     path_name = path if name is None else name
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=FORMATS) as im:
             im.load()
             return to_8bit(im).convert("RGB")
     except FileNotFoundError:
@@ -59,6 +80,16 @@ def decode_image(data, name):
     """An image from the bytes of a file (a tar member, a base64 field), as load_image reads it; an
     error names `name`."""
     return load_image(io.BytesIO(data), name)
+
+
+def check_image_bytes(data, name):
+    """Raise ImageError naming `name` unless the bytes start like an image of FORMATS (the header only:
+    cheap enough to check every image of a file before a model loads)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS):
+            pass
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name}: cannot read image ({e})") from None
 
 
 def preprocess_image(image, size):

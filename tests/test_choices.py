@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -115,15 +116,16 @@ def test_mmbench_tsv_reader(tmp_path):
         {"index": 0, "question": "Colour?", "hint": "nan", "A": "red", "B": "blue", "C": "green", "D": "",
          "answer": "A", "image": png_b64("red")},
         {"index": 1, "question": "Yes?", "hint": "It is a test.", "A": "yes", "B": "no", "answer": "B", "image": "0"},
-        {"index": 1000000, "question": "Colour?", "A": "blue", "B": "green", "C": "red", "answer": "C", "image": "0"},
-        {"index": 2, "question": "Broken image", "A": "x", "B": "y", "image": "%%% not base64"}])
-    (q0, q1, q2), notes = read_questions(f)
+        {"index": 1000000, "question": "Colour?", "A": "blue", "B": "green", "C": "red", "answer": "C", "image": "0"}])
+    (q0, q1), notes = read_questions(f)
     assert notes == [f"{f}: skipped 1 CircularEval copies (rows index + k * 1,000,000)"]
     assert q0.id == 0 and q0.options == {"A": "red", "B": "blue", "C": "green"} and q0.hint == "" and q0.answer == "A"
     assert q1.options == {"A": "yes", "B": "no"} and q1.hint == "It is a test." and q1.answer == "B"
     assert load_images(q1)[0].getpixel((0, 0)) == (255, 0, 0)  # row 0's image, by reference
-    with pytest.raises(owl.ImageError, match=r"mmb\.tsv: index 2: the image field is not valid base64"):
-        load_images(q2)
+    broken = write_tsv(tmp_path / "broken.tsv", [{"index": 2, "question": "Broken", "A": "x", "B": "y",
+                                                  "image": "%%% not base64"}])
+    with pytest.raises(owl.ImageError, match=r"broken\.tsv: index 2: the image field is not valid base64"):
+        read_questions(broken)  # report 2.17: found when the file is read, before the model loads
     bad = write_tsv(tmp_path / "bad.tsv", [{"index": 0, "question": "q", "A": "x"}], columns=("index", "question", "A"))
     with pytest.raises(ChoicesError, match=r"bad\.tsv: an MMBench-style TSV needs .* \(missing: B\)"):
         read_questions(bad)
@@ -189,9 +191,10 @@ def test_circular_counts_a_question_right_only_if_every_rotation_is(tmp_path):
 def test_eval_choices_writes_predictions_and_accuracy(owl_model, tmp_path, capsys):
     from tests.test_chat import CK, one_line_error, run_eval
     model, tok = owl_model
+    shutil.copy(IMG, tmp_path / "p0.jpg")  # an image path stays inside the file's folder (report 6.6)
     f = write_jsonl(tmp_path / "q.jsonl", [
-        {"id": "q1", "image": IMG, "question": "What is it?", "options": ["a cat", "a dog", "a car"], "answer": "A"},
-        {"id": "q2", "image": IMG, "question": "Is it red?", "options": {"Y": "yes", "N": "no"}, "answer": "no"},
+        {"id": "q1", "image": "p0.jpg", "question": "What is it?", "options": ["a cat", "a dog", "a car"], "answer": "A"},
+        {"id": "q2", "image": "p0.jpg", "question": "Is it red?", "options": {"Y": "yes", "N": "no"}, "answer": "no"},
         {"id": "q3", "question": "Two plus two?", "options": ["4", "5"], "hint": "Count."}])
     out = tmp_path / "preds.jsonl"
     r = run_eval(capsys, "choices", f, "--model", CK, "--out", str(out), "--list-options", "--circular")

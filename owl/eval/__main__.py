@@ -42,6 +42,8 @@ def parse_args(argv=None):
     c = sub.add_parser("choices", help="multiple choice by log-likelihood (MMBench, SEED-Bench, ScienceQA, MME)")
     c.add_argument("questions", metavar="FILE", help="a .jsonl of questions or an MMBench .tsv (owl/eval/choices.py)")
     c.add_argument("--out", required=True, metavar="FILE", help="the predictions, one JSON line per question")
+    c.add_argument("--image-root", metavar="DIR", help="where a JSONL file's image paths resolve (default: its "
+                   "folder); an image outside it is refused")
     c.add_argument("--list-options", action="store_true", help="MMBench's prompt, the lettered options in it; "
                    "the letters are scored")
     c.add_argument("--circular", action="store_true", help="with --list-options: MMBench's CircularEval (every "
@@ -59,7 +61,7 @@ def parse_args(argv=None):
 
 
 def run_owleval(args, model, tok, plan, warn):
-    questions, model_id, done, others = plan
+    questions, model_id, (done, kept), others = plan
     session = ChatSession(model, tok, max_new_tokens=args.max_new_tokens, compile=args.compile)  # greedy
     if done:
         warn(f"{len(done)} of {len(questions)} questions are answered in {args.out} already: answering the rest")
@@ -71,7 +73,7 @@ def run_owleval(args, model, tok, plan, warn):
     except KeyboardInterrupt:
         warn(f"\ninterrupted: the answers so far are in {args.out}; the same command answers the rest")
         return 130
-    owleval.write_jsonl(records, args.out)  # the same answers, in question order
+    owleval.write_jsonl(kept + records, args.out)  # the same answers, in question order, after other folders' ones
     warn(f"wrote {len(records)} answers to {args.out}")
     if args.html:
         owleval.write_html(records, questions, others, args.questions, args.html, model_id)
@@ -91,16 +93,37 @@ def run_choices(args, model, tok, plan, warn):
     return 0
 
 
+def check_outputs(args):
+    """No output may replace an input or another output (compared by real path), before any work."""
+    error = ChoicesError if args.benchmark == "choices" else OwlEvalError
+    inputs = {"the questions file": args.questions}
+    if args.benchmark == "owleval":
+        inputs = {"OWLEVAL_DIR": args.questions, "its questions.jsonl": os.path.join(args.questions, "questions.jsonl")}
+    outputs = {"--out": args.out, **({"--html": args.html} if getattr(args, "html", None) else {})}
+    seen = {os.path.realpath(p): what for what, p in inputs.items()}
+    for flag, path in outputs.items():
+        real = os.path.realpath(path)
+        if real in seen:
+            raise error(f"{flag} {path}: is {seen[real]}, which this run reads or writes: choose another file")
+        cases = os.path.realpath(os.path.join(args.questions, "cases"))
+        if args.benchmark == "owleval" and os.path.commonpath([real, cases]) == cases:
+            raise error(f"{flag} {path}: is inside OWLEVAL_DIR/cases, the images this run reads: choose another file")
+        seen[real] = flag
+
+
 def plan_of(args, warn):
     """What the run needs from its files, read and checked before the model loads."""
+    check_outputs(args)
     if args.benchmark == "choices":
-        plan = choices.read_questions(args.questions)
-        check_writable(args.out, error=ChoicesError)
+        plan = choices.read_questions(args.questions, args.image_root)
+        choices.check_out(args.out)
         return plan
     questions = owleval.read_questions(args.questions)
     model_id = args.model_id or os.path.basename(os.path.normpath(args.model))
     if args.html:
         check_writable(args.html, "--html", OwlEvalError)
+        if os.path.isfile(args.html) and not owleval.is_our_page(args.html):
+            raise OwlEvalError(f"--html {args.html}: exists and is not an OwlEval page of ours: choose another file")
     done = owleval.answered(args.out, model_id, questions, warn=warn)
     return questions, model_id, done, owleval.read_answers(args.questions)
 

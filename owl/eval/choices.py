@@ -6,7 +6,8 @@ prediction: no generation, no answer parsing.
 Files:
   JSONL  {"id": ..., "image": "a.jpg" or ["a.jpg", ...], "question": "...", "options": ["x", "y"] or
          {"A": "x", "B": "y"}, "answer": "B" (or the option's text; optional), "hint": "..." (optional)};
-         image paths are relative to the file; a list of options is lettered A, B, C, ...
+         image paths are relative to the file's folder (or --image-root) and must stay inside it; a
+         list of options is lettered A, B, C, ...
   TSV    MMBench's: columns index, question, hint, A, B, C, D (empty past the last option), answer,
          image (base64). As in VLMEvalKit, an image field holding another row's index shares that row's
          image, and the CircularEval copies some releases carry (index + k * 1e6, the options rotated)
@@ -24,13 +25,14 @@ prompt their order changes nothing, so --circular needs --list-options.
 import base64
 import binascii
 import csv
+import math
 import os
 import string
 from dataclasses import dataclass, field
 
-from ..fileio import read_jsonl as read_lines
+from ..fileio import check_writable, read_jsonl as read_lines
 from ..generate import score_choices, visual_tokens
-from ..image import ImageError, decode_image, load_image
+from ..image import ImageError, check_image_bytes, decode_image, image_inside, load_image
 from ..tokenizer import build_prompt
 from .owleval import write_jsonl
 
@@ -55,13 +57,14 @@ class Question:
 
 # ----------------------------------------------------------------------------- reading
 
-def read_questions(file):
-    """The questions of a .jsonl or .tsv file, checked (see the module docstring); (questions, notes)."""
+def read_questions(file, image_root=None):
+    """The questions of a .jsonl or .tsv file, checked (see the module docstring); (questions, notes).
+    A JSONL file's image paths resolve inside image_root (default: the file's folder)."""
     if not os.path.isfile(file):
         raise ChoicesError(f"{file}: no such file")
     ext = os.path.splitext(file)[1].lower()
     if ext in (".jsonl", ".json"):
-        questions, notes = read_jsonl(file), []
+        questions, notes = read_jsonl(file, image_root), []
     elif ext == ".tsv":
         questions, notes = read_tsv(file)
     else:
@@ -87,11 +90,20 @@ def _answer_key(answer, options, where):
     raise ChoicesError(f"{where}: answer {a!r} is neither an option key ({', '.join(options)}) nor an option's text")
 
 
-def read_jsonl(file):
-    out, folder = [], os.path.dirname(os.path.abspath(file))
-    for where, r in read_lines(file, ChoicesError):
+def _rows(file):
+    try:
+        return read_lines(file, ChoicesError)
+    except RecursionError:
+        raise ChoicesError(f"{file}: JSON nested too deeply") from None
+
+
+def read_jsonl(file, image_root=None):
+    out, root = [], image_root or os.path.dirname(os.path.abspath(file))
+    for where, r in _rows(file):
         if not isinstance(r, dict) or "question" not in r or "options" not in r:
             raise ChoicesError(f"{where}: a question needs \"question\" and \"options\"")
+        if not isinstance(r["question"], str):
+            raise ChoicesError(f"{where}: \"question\" must be a string, not {r['question']!r}")
         opts = r["options"]
         if isinstance(opts, list):
             if len(opts) > 26:
@@ -99,10 +111,17 @@ def read_jsonl(file):
             opts = dict(zip(string.ascii_uppercase, opts))
         if not isinstance(opts, dict) or len(opts) < 2:
             raise ChoicesError(f"{where}: \"options\" must be a list or an object of at least 2 options")
+        if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in opts.values()):
+            raise ChoicesError(f"{where}: every option must be a string (or a number)")
         opts = {str(k): str(v) for k, v in opts.items()}
         images = r.get("image") or []
-        images = [images] if isinstance(images, str) else list(images)
-        paths = [p if os.path.isabs(p) else os.path.join(folder, p) for p in images]
+        images = [images] if isinstance(images, str) else images
+        if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+            raise ChoicesError(f"{where}: \"image\" must be a path or a list of paths")
+        try:
+            paths = [image_inside(root, p, where) for p in images]
+        except ImageError as e:
+            raise ChoicesError(str(e)) from None
         for p in paths:
             if not os.path.isfile(p):
                 raise ChoicesError(f"{where}: no such image {p}")
@@ -118,8 +137,8 @@ def _missing(value):  # pandas (which writes these files) writes NaN as an empty
 
 def read_tsv(file):
     csv.field_size_limit(2**31 - 1)  # a base64 image is far longer than csv's default field limit
-    with open(file, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
+    with open(file, encoding="utf-8-sig", newline="") as f:  # -sig: Excel's "UTF-8 CSV" starts with a BOM
+        rows = list(csv.DictReader(f, delimiter="\t", restval=""))  # a short row's missing fields are empty
     need = [c for c in ("index", "question", "A", "B") if rows and c not in rows[0]]
     if not rows or need:
         raise ChoicesError(f"{file}: an MMBench-style TSV needs the columns index, question, A, B "
@@ -130,7 +149,7 @@ def read_tsv(file):
         where = f"{file}: index {r['index']}"
         try:
             index = int(float(r["index"]))
-        except ValueError:
+        except (ValueError, OverflowError):
             raise ChoicesError(f"{file}:{n}: index {r['index']!r} is not a number") from None
         if index >= CIRCULAR_COPY and str(index % CIRCULAR_COPY) in by_index:
             copies += 1
@@ -145,6 +164,8 @@ def read_tsv(file):
         image = r.get("image") or ""
         if image.strip().isdigit() and len(image.strip()) < 64 and image.strip() in by_index:
             image = by_index[image.strip()].get("image") or ""  # the image of another row
+        if image.strip():
+            check_image_bytes(_b64(image, where), where)  # a bad image is found before the model loads
         hint = "" if _missing(r.get("hint")) else r["hint"].strip()
         out.append(Question(index, r["question"].strip(), opts, _answer_key(r.get("answer"), opts, where), hint,
                             [("base64", image)] if image.strip() else [], where))
@@ -159,12 +180,15 @@ def load_images(q):
         if kind == "path":
             images.append(load_image(src))
             continue
-        try:
-            data = base64.b64decode(src, validate=True)
-        except (binascii.Error, ValueError):
-            raise ImageError(f"{q.where}: the image field is not valid base64") from None
-        images.append(decode_image(data, q.where))
+        images.append(decode_image(_b64(src, q.where), q.where))
     return images
+
+
+def _b64(text, where):
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError(f"{where}: the image field is not valid base64") from None
 
 
 # ----------------------------------------------------------------------------- prompts and scoring
@@ -214,6 +238,8 @@ def evaluate(questions, score, *, circular=False, list_options=False, progress=N
                 s = [float(x) for x in score(prompt, choices, images)]
             except ValueError as e:  # e.g. longer than the model's context
                 raise ChoicesError(f"{q.where}: {e}") from None
+            if not all(map(math.isfinite, s)):  # NaN weights: every max() would pick the first option
+                raise ChoicesError(f"{q.where}: the model's scores are not finite ({s}): are its weights sound?")
             best = max(range(len(s)), key=s.__getitem__)
             predictions.append(keys[order[best]])
             first = s if first is None else first
@@ -246,5 +272,24 @@ def run(model, tokenizer, questions, out, *, circular=False, list_options=False,
     (JSONL, whole or not at all)."""
     records = evaluate(questions, model_scorer(model, tokenizer, normalize), circular=circular,
                        list_options=list_options, progress=progress)
-    write_jsonl(records, out)
+    try:
+        write_jsonl(records, out)
+    except OSError:  # e.g. a full disk: no half-written temporary left beside `out`
+        if os.path.isfile(out + ".tmp"):
+            os.remove(out + ".tmp")
+        raise
     return records
+
+
+RECORD = {"id", "scores", "prediction", "answer", "correct"}  # (and "rotations" with --circular)
+
+
+def check_out(out):
+    """An existing --out must be predictions written by this command (it is replaced): anything else
+    (a questions file, notes, another tool's output) is refused, naming the line."""
+    check_writable(out, error=ChoicesError)
+    if not os.path.isfile(out):
+        return
+    for where, r in _rows(out):
+        if not isinstance(r, dict) or not RECORD <= set(r) <= RECORD | {"rotations"}:
+            raise ChoicesError(f"{where}: --out exists and is not predictions of ours: choose another --out")

@@ -23,7 +23,7 @@ import os
 
 from ..chat.session import ContextFull
 from ..fileio import check_writable, read_jsonl, write_atomic
-from ..image import ImageError, load_image
+from ..image import ImageError, image_inside, load_image
 
 # The Self-Instruct rating scale the paper uses.
 GRADES = {"A": "correct and satisfying", "B": "acceptable, with minor errors or imperfections",
@@ -37,7 +37,11 @@ class OwlEvalError(ValueError):
 def _read_jsonl(file, need):
     """The objects of a JSONL file, each checked to have the fields `need`."""
     rows = []
-    for where, row in read_jsonl(file, OwlEvalError):
+    try:
+        lines = read_jsonl(file, OwlEvalError)
+    except RecursionError:
+        raise OwlEvalError(f"{file}: JSON nested too deeply") from None
+    for where, row in lines:
         missing = [k for k in need if not isinstance(row, dict) or k not in row]
         if missing:
             raise OwlEvalError(f"{where}: missing field(s) {', '.join(missing)}")
@@ -54,14 +58,22 @@ def read_questions(folder):
     ids = [q["question_id"] for q in qs]
     if len(set(ids)) != len(ids):
         raise OwlEvalError(f"{file}: duplicate question_id(s)")
-    for q in qs:
+    for n, q in enumerate(qs, 1):
+        if not isinstance(q["question"], str) or not isinstance(q["question_id"], (int, str)) \
+                or isinstance(q["question_id"], bool):
+            raise OwlEvalError(f"{file}:{n}: \"question\" must be a string and \"question_id\" a number or string")
+        try:
+            image_inside(os.path.join(folder, "cases"), q["image"], f"{file}:{n}")
+        except ImageError as e:
+            raise OwlEvalError(str(e)) from None
         if not os.path.isfile(image_path(folder, q)):
             raise OwlEvalError(f"{image_path(folder, q)}: no such image (question {q['question_id']})")
     return qs
 
 
 def image_path(folder, q):
-    return os.path.join(folder, "cases", q["image"])
+    """The question's image: inside cases/ (read_questions refuses one that leads out)."""
+    return image_inside(os.path.join(folder, "cases"), q["image"], f"question {q['question_id']}")
 
 
 def read_answers(folder):
@@ -69,7 +81,7 @@ def read_answers(folder):
     out = {}
     for file in sorted(glob.glob(os.path.join(folder, "answer", "*.jsonl"))):
         for row in _read_jsonl(file, ("question_id", "answer")):
-            name = row.get("model_id") or os.path.basename(file).replace("_answer.jsonl", "")
+            name = str(row.get("model_id") or "") or os.path.basename(file).replace("_answer.jsonl", "")
             out.setdefault(name, {})[row["question_id"]] = row["answer"]
     return out
 
@@ -78,11 +90,14 @@ FIELDS = ("image", "question_id", "question", "answer", "model_id")
 
 
 def answered(out, model_id, questions, warn=print):
-    """{question_id: answer} already in the answers file (an earlier run stopped partway), checked to be
-    this model's answers file; a torn last line (a kill during a write) is dropped with a note."""
+    """(done, kept): {question_id: answer} already in the answers file (an earlier run stopped partway)
+    for these questions, and the file's rows for other questions (kept in the file). The file is checked
+    to be this model's answers file; a torn last line (a kill during a write: no newline at its end, the
+    start of one of our lines) is dropped with a note. An answer to the same id but another question
+    text or image (another OwlEval folder) is refused, never reused."""
     check_writable(out, error=OwlEvalError)
     if not os.path.isfile(out):
-        return {}
+        return {}, []
     with open(out, encoding="utf-8", errors="replace") as f:
         lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
     rows = []
@@ -90,7 +105,7 @@ def answered(out, model_id, questions, warn=print):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            if k == len(lines) - 1:
+            if k == len(lines) - 1 and k > 0 and not line.endswith("\n") and line.startswith('{"image": '):
                 warn(f"note: {out}:{n}: dropped a torn last line")
                 continue
             raise OwlEvalError(f"{out}:{n}: not an answers file of ours (not valid JSON): choose another --out") from None
@@ -98,9 +113,15 @@ def answered(out, model_id, questions, warn=print):
             raise OwlEvalError(f"{out}:{n}: not an answers file of model {model_id!r} (fields {', '.join(FIELDS)}): "
                                f"choose another --out or --model-id")
         rows.append(row)
+    by_id = {q["question_id"]: q for q in questions}
+    for n, r in enumerate(rows, 1):
+        q = by_id.get(r["question_id"])
+        if q is not None and (r["question"], r["image"]) != (q["question"], q["image"]):
+            raise OwlEvalError(f"{out}: the answer to question {r['question_id']!r} is for another question or "
+                               f"image than this folder's (another OwlEval folder?): choose another --out")
     write_jsonl(rows, out)  # whole lines only (no torn one to append to)
-    ids = {q["question_id"] for q in questions}
-    return {r["question_id"]: r["answer"] for r in rows if r["question_id"] in ids}
+    return ({r["question_id"]: r["answer"] for r in rows if r["question_id"] in by_id},
+            [r for r in rows if r["question_id"] not in by_id])
 
 
 def conversations(questions):
@@ -228,6 +249,15 @@ document.getElementById('export').onclick = () => {
 paint();"""
 
 
+_PAGE_START = "<!doctype html><html><head><meta charset='utf-8'><title>OwlEval: "
+
+
+def is_our_page(file):
+    """Whether file is a rating page write_html wrote (the only kind --html may replace)."""
+    with open(file, "rb") as f:
+        return f.read(len(_PAGE_START)) == _PAGE_START.encode()
+
+
 def write_html(records, questions, others, folder, out, model_id):
     """A page showing, per question, the image, our answer and the other models' answers side by
     side, with A/B/C/D buttons whose choices live in the browser's localStorage."""
@@ -239,7 +269,7 @@ def write_html(records, questions, others, folder, out, model_id):
     head = "".join(f"<th>{g}</th>" for g in GRADES)
     rows = "".join(f"<tr><th>{e(m)}</th>" + "".join(f'<td data-m="{e(m)}" data-g="{g}">0</td>' for g in GRADES)
                    + "</tr>" for m in models)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>OwlEval: {e(model_id)}</title>"
+    parts = [f"{_PAGE_START}{e(model_id)}</title>"
              f"<style>{_CSS}</style></head><body data-run='{e(model_id)}'>",
              f"<h1>OwlEval: {e(model_id)}</h1><div class='scale'>Rate each answer: "
              + "; ".join(f"<b>{g}</b> {e(d)}" for g, d in GRADES.items())
@@ -254,14 +284,15 @@ def write_html(records, questions, others, folder, out, model_id):
         cards = []
         for m in models:
             text = ours.get(qid) if m == model_id else others[m].get(qid)
+            text = text if text is None or isinstance(text, str) else json.dumps(text)
             if text is None:
                 continue
             buttons = "".join(f"<button title='{e(d)}'>{g}</button>" for g, d in GRADES.items())
             cards.append(f"<div class='ans{' ours' if m == model_id else ''}'><div class='model'>{e(m)}</div>"
-                         f"<div class='text'>{e(text)}</div><div class='rate' data-q='{qid}' data-m='{e(m)}'>"
+                         f"<div class='text'>{e(text)}</div><div class='rate' data-q='{e(str(qid))}' data-m='{e(m)}'>"
                          f"{buttons}</div></div>")
-        parts.append(f"<div class='q' id='q{qid}'><img src='{thumbs[q['image']]}' alt='{e(q['image'])}'><div>"
-                     f"<div class='meta'>question {qid} &middot; {e(q['image'])} &middot; {kind} &middot; "
+        parts.append(f"<div class='q' id='q{e(str(qid))}'><img src='{thumbs[q['image']]}' alt='{e(q['image'])}'><div>"
+                     f"<div class='meta'>question {e(str(qid))} &middot; {e(q['image'])} &middot; {kind} &middot; "
                      f"abilities {e(str(q.get('ability', '-')))}</div><div class='question'>{e(q['question'])}</div>"
                      f"<div class='answers'>{''.join(cards)}</div></div></div>")
     parts.append(f"<script>{_JS}</script></body></html>")
