@@ -290,6 +290,10 @@ def check_out(out):
     check_writable(out, error=ChoicesError)
     if not os.path.isfile(out):
         return
-    for where, r in _rows(out):
+    try:
+        rows = _rows(out)
+    except ChoicesError as e:
+        raise ChoicesError(f"--out exists and is not predictions of ours ({e}): choose another --out") from None
+    for where, r in rows:
         if not isinstance(r, dict) or not RECORD <= set(r) <= RECORD | {"rotations"}:
             raise ChoicesError(f"{where}: --out exists and is not predictions of ours: choose another --out")

@@ -55,9 +55,6 @@ def read_questions(folder):
     if not os.path.isfile(file):
         raise OwlEvalError(f"{folder}: no questions.jsonl (is this an OwlEval folder?)")
     qs = _read_jsonl(file, ("image", "question_id", "question"))
-    ids = [q["question_id"] for q in qs]
-    if len(set(ids)) != len(ids):
-        raise OwlEvalError(f"{file}: duplicate question_id(s)")
     for n, q in enumerate(qs, 1):
         if not isinstance(q["question"], str) or not isinstance(q["question_id"], (int, str)) \
                 or isinstance(q["question_id"], bool):
@@ -68,6 +65,9 @@ def read_questions(folder):
             raise OwlEvalError(str(e)) from None
         if not os.path.isfile(image_path(folder, q)):
             raise OwlEvalError(f"{image_path(folder, q)}: no such image (question {q['question_id']})")
+    ids = [q["question_id"] for q in qs]
+    if len(set(ids)) != len(ids):
+        raise OwlEvalError(f"{file}: duplicate question_id(s)")
     return qs
 
 
