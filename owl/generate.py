@@ -23,14 +23,20 @@ from .image import preprocess_image
 from .tokenizer import IMAGE
 
 
+# Below this temperature sampling is greedy: logits / T would overflow fp32 for a tiny T (1e-40 gives
+# inf, then NaN probabilities), and already at 1e-5 softmax(logits / T) is the argmax's one-hot in
+# fp32 unless two logits are within about 1e-3 of each other.
+GREEDY_BELOW = 1e-5
+
+
 def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None, noise=None):  # logits (B, vocab)
-    """Greedy at temperature 0; else a draw from softmax(logits / T) restricted to the top-k and the
+    """Greedy at temperature 0 (or below GREEDY_BELOW); else a draw from softmax(logits / T) restricted to the top-k and the
     top-p mass. The draw is argmax(probs / q) with q ~ Exp(1) per token (the exponential race), which
     is what torch.multinomial(probs, 1) computes itself (its one-sample path), so a seed gives the
     same ids as it did with multinomial; written out, the noise q can come in from outside: `noise`
     is q drawn by the caller (a compiled step cannot take a generator), else it is drawn here. (Some
     torch versions' multinomial also checks its input on the host: a sync per token, gone here.)"""
-    if temperature <= 0:
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)  # (B,)
     logits = logits.float() / temperature
     if top_k > 0:

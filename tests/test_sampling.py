@@ -59,3 +59,10 @@ def test_generate_with_a_seed_repeats(owl_model):
     run = lambda seed: owl.generate(model, tok, prompt, max_new_tokens=12, temperature=1.5, top_k=50, seed=seed)
     assert run(3) == run(3)
     assert len({tuple(run(s)) for s in range(4)}) > 1  # sampling, not greedy
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 1e-6])
+def test_report_5_2_a_tiny_temperature_is_greedy_not_nan(temperature):
+    """redteam-2 5.2: logits / 1e-40 overflowed fp32 and the draw raised on NaN probabilities."""
+    logits = torch.tensor([[-5.0, 29.0, 30.0, 12.0]] * 3)  # (NaN probabilities made the draw token 0)
+    assert sample(logits, temperature=temperature, generator=torch.Generator().manual_seed(0)).tolist() == [2, 2, 2]
