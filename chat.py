@@ -19,6 +19,7 @@ import owl
 from owl.chat.load import UsageError, add_model_options, check_adapter, load
 from owl.chat.session import ChatError, ChatSession, format_stats
 from owl.tokenizer import check_image_count, clean_text
+from owl.weights import load_config
 
 HELP = """commands:
   /image PATH   attach an image to the next question (repeatable)
@@ -44,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on a GPU; "
                    "the first answer waits for it to compile)")
+    p.add_argument("--context", type=int, metavar="N", help="the context window (and KV cache) in tokens; default "
+                   "the model's whole context (python -m owl.memory --context N sizes the same)")
     p.add_argument("--stats", action="store_true", help="after each answer: time to first token, tokens/s")
     p.add_argument("--prompt", metavar="TEXT", help="one-shot: answer this question ('-' reads it from stdin) and exit")
     p.add_argument("--raw-prompt", metavar="TEXT", help="one-shot: a complete prompt in the official template, verbatim")
@@ -54,6 +57,8 @@ def parse_args(argv=None):
         p.error("--prompt and --raw-prompt exclude each other")
     if a.max_new_tokens < 1 or not 0 <= a.temperature < math.inf or a.top_k < 0 or not 0 < a.top_p <= 1:
         p.error("need --max-new-tokens >= 1, a finite --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1")
+    if a.context is not None and a.context < 2:
+        p.error("need --context >= 2 (a prompt token and an answer token)")
     if a.seed is not None and not 0 <= a.seed < 2**64:
         p.error("--seed must be in [0, 2**64): a 64-bit generator seed")
     a.prompt, a.raw_prompt = (None if t is None else clean_text(t) for t in (a.prompt, a.raw_prompt))  # undecodable bytes
@@ -186,6 +191,10 @@ def main(argv=None):
             raise UsageError(f"--model {args.model}: no such folder")
         if args.adapter:  # fail before loading the model, too
             check_adapter(args.adapter, args.model, args.ignore_adapter_base)
+        if args.context is not None:  # fail before loading the model, too
+            whole = load_config(args.model).text_config.max_position_embeddings
+            if args.context > whole:
+                raise UsageError(f"--context {args.context}: the model has {whole} positions")
         images = [owl.load_image(p) for p in args.image]  # raises owl.ImageError naming the file
         if args.raw_prompt is not None:
             try:
@@ -195,7 +204,8 @@ def main(argv=None):
         model, tok = load(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter,
                           ignore_adapter_base=args.ignore_adapter_base, quantize_to=args.quantize)
         session = ChatSession(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, compile=args.compile)
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, compile=args.compile,
+                              context=args.context)
         if args.prompt is not None or args.raw_prompt is not None:
             return one_shot(session, args, images)
         return interactive(session, args, images)

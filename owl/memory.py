@@ -196,12 +196,17 @@ def chat_activations(cfg, D, T, L, B):
     return mlp + B * T * 2 * D * c.head_dim + T * L + B * cfg.image_tokens * D * c.hidden_size
 
 
-def estimate(cfg, task="chat", dtype="bf16", context=2048, batch=1, grad_checkpointing=False, device="cuda",
+def estimate(cfg, task="chat", dtype="bf16", context=None, batch=1, grad_checkpointing=False, device="cuda",
              lora_r=8, lora_targets=("q_proj", "v_proj"), lora_dropout=0.05, shards=1, quantize=None, group_size=128):
     """{term: bytes} for one task, and "total": the peak (see the module docstring). shards > 1: the
-    full task per process under FSDP2 (fsdp_terms). quantize: "int8" or "int4" (chat only)."""
+    full task per process under FSDP2 (fsdp_terms). quantize: "int8" or "int4" (chat only). context:
+    chat's window (default the model's whole context, which chat allocates unless given --context) or
+    training's tokens per row (default 2048)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    context = context or (cfg.text_config.max_position_embeddings if task == "chat" else 2048)
+    if context < 1 or batch < 1:
+        raise ValueError(f"need a context and a batch of at least 1 (got {context} and {batch})")
     D, n = BYTES[dtype], param_counts(cfg, task, lora_r, lora_targets)
     c = cfg.text_config
     out = {"weights": 0, "kv_cache": 0, "activations": 0, "gradients": 0, "optimizer_state": 0}
@@ -281,7 +286,8 @@ def main(argv=None):
     p.add_argument("model", metavar="PRESET_OR_DIR", help=f"a preset ({', '.join(PRESETS)}) or a model folder")
     p.add_argument("--task", default="chat", choices=TASKS)
     p.add_argument("--dtype", default="bf16", choices=list(BYTES))
-    p.add_argument("--context", type=int, default=2048, help="chat: the context; training: tokens per row")
+    p.add_argument("--context", type=int, help="chat: the window, as chat.py --context (default the model's whole "
+                   "context, which chat allocates); training: tokens per row (default 2048)")
     p.add_argument("--batch", type=int, default=1, help="rows (training: per process, per micro-step)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="AdamW's temporaries differ (foreach)")
@@ -289,6 +295,8 @@ def main(argv=None):
     p.add_argument("--shards", type=int, default=1, help="--task full: per process of N under FSDP2")
     p.add_argument("--quantize", choices=["int8", "int4"], help="--task chat: the LLM's linear layers (owl/quant.py)")
     a = p.parse_args(argv)
+    if (a.context is not None and a.context < 1) or a.batch < 1:
+        p.error("need --context >= 1 and --batch >= 1")
     if a.shards < 1 or (a.shards > 1 and a.task != "full"):
         p.error("--shards N >= 1 goes with --task full")
     try:
@@ -300,7 +308,9 @@ def main(argv=None):
         p.error("--quantize goes with --task chat")
     kw = dict(dtype=a.dtype, context=a.context, batch=a.batch, grad_checkpointing=a.grad_checkpointing,
               device=a.device)
-    print(f"{a.model}: {a.dtype}, context {a.context}, batch {a.batch}"
+    whole = cfg.text_config.max_position_embeddings
+    context = a.context or (f"{whole} (chat), 2048 (training)" if a.fits else whole if a.task == "chat" else 2048)
+    print(f"{a.model}: {a.dtype}, context {context}, batch {a.batch}"
           f"{', gradient checkpointing' if a.grad_checkpointing else ''}"
           f"{f', FSDP over {a.shards} processes (per process)' if a.shards > 1 else ''}")
     if a.fits:

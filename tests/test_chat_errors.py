@@ -148,3 +148,12 @@ def test_the_chat_rows_that_were_one_line_stay_so(tmp_path, capsys):
         save_file(tensors, str(tmp_path / name / "adapter.safetensors"))
         r = run_main(capsys, "--adapter", str(tmp_path / name / "adapter.safetensors"), "--prompt", "hi")
         assert r.returncode == 1 and "Traceback" not in r.stderr and words in r.stderr, (name, r.stderr)
+
+
+def test_chat_context_flag_is_checked_in_one_line(capsys):
+    """chat.py --context N (the window owl.memory --context N sizes, report 5.8): outside 2..the model's."""
+    from tests.test_chat import one_line_error, run_main
+    one_line_error(run_main(capsys, "--context", "1", "--prompt", "hi"), "--context >= 2")
+    one_line_error(run_main(capsys, "--context", "100000", "--prompt", "hi"), "--context 100000", "512 positions")
+    r = run_main(capsys, "--context", "128", "--prompt", "hi", "--max-new-tokens", "2", "--stats")
+    assert r.returncode == 0 and "/128" in r.stderr + r.stdout, r.stderr

@@ -156,3 +156,28 @@ def test_full_finetune_per_process_under_fsdp(capsys):
     assert "FSDP over 8 processes" in out and out.strip().endswith(f"total_gb: {eight['total'] / 2 ** 30:.2f}")
     with pytest.raises(SystemExit):
         main(["owl-7b", "--task", "chat", "--shards", "8"])
+
+
+def test_report_5_7_non_positive_sizes_are_refused(capsys):
+    for flags in (["--context", "-5"], ["--batch", "0"], ["--context", "0"]):
+        with pytest.raises(SystemExit):
+            main(["owl-7b", "--task", "chat", *flags])
+        assert "need --context >= 1 and --batch >= 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="at least 1"):
+        estimate(owl.preset("owl-7b"), "chat", batch=0)
+
+
+@pytest.mark.parametrize("context", [None, 100])
+def test_report_5_8_the_kv_cache_is_sized_as_chat_allocates_it(owl_model, context):
+    """owl.memory's kv_cache is the bytes of the cache a ChatSession builds: the model's whole context
+    by default, chat.py --context N's window when given (the same N as owl.memory --context)."""
+    from owl.chat.session import ChatSession
+    model, tok = owl_model
+    session = ChatSession(model, tok, max_new_tokens=2, context=context)
+    session.ask("hi")
+    held = sum(t.numel() * t.element_size() for c in session._caches for t in (c.k, c.v))
+    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16"}[model.query_tokens.dtype]
+    assert estimate(model.config, "chat", dtype=dtype, context=context)["kv_cache"] == held
+    whole = model.config.text_config.max_position_embeddings
+    assert session.context == (context or whole) and (context is None or held < estimate(
+        model.config, "chat", dtype=dtype)["kv_cache"])

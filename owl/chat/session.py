@@ -104,13 +104,16 @@ class Turn:
 
 class ChatSession:
     def __init__(self, model, tokenizer, max_new_tokens=512, temperature=0.0, top_k=0, top_p=1.0, seed=None,
-                 compile=False):
+                 compile=False, context=None):
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
         self.device = model.query_tokens.device
         self.generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
-        self.context = model.config.text_config.max_position_embeddings
-        # The cache spans the whole context (static), so one compiled decode step serves every turn;
+        whole = model.config.text_config.max_position_embeddings
+        if context is not None and not 2 <= context <= whole:
+            raise ChatError(f"--context {context}: need 2 <= context <= the model's {whole} positions")
+        self.context = context or whole  # the window (chat.py --context; default the model's, as owl.memory sizes it)
+        # The cache spans the whole window (static), so one compiled decode step serves every turn;
         # compile also compiles the ViT + abstractor and the prefill (the first token of every turn).
         kind = self.device.type
         self.decode = compiled_decode_step(kind) if compile else decode_step
