@@ -212,3 +212,12 @@ def test_2_24_2_25_2_26_choices_bad_fields_are_one_line(tmp_path, capsys, row, m
 def test_2_28_owleval_bad_field_types_are_one_line(tmp_path, capsys, row):
     d = owleval_dir(tmp_path, questions=[row])
     one_line_error(run_eval(capsys, "owleval", d, "--model", CK, "--out", tmp_path / "a.jsonl"), "questions.jsonl")
+
+
+def test_2_27_a_question_longer_than_the_context_is_skipped_and_counted(tmp_path, capsys):
+    rows = [{"id": i, "question": "Which?" if i != 2 else "word " * 1500, "options": ["a", "b"]} for i in range(3)]
+    q, out = mc_file(tmp_path, rows), tmp_path / "p.jsonl"
+    r = run_eval(capsys, "choices", q, "--model", CK, "--out", out)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "skipped" in r.stderr and "q.jsonl:3" in r.stderr and "1 question(s) skipped" in r.stderr
+    assert [json.loads(line)["id"] for line in open(out)] == [0, 1]

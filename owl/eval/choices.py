@@ -218,11 +218,13 @@ def model_scorer(model, tokenizer, normalize="sum"):
     return score
 
 
-def evaluate(questions, score, *, circular=False, list_options=False, progress=None):
+def evaluate(questions, score, *, circular=False, list_options=False, progress=None, on_skip=None):
     """One record per question: id, scores ({key: log-likelihood}, the file's order), prediction (a
     key), answer, correct (None without an answer); with circular also "rotations", the prediction of
     each rotation as a key of the file's order. score(prompt, choices, images) -> [float]
-    (model_scorer); it gets the same images list for every rotation of a question."""
+    (model_scorer); it gets the same images list for every rotation of a question. A question the
+    model cannot score (longer than its context) stops the run, or with on_skip is skipped:
+    on_skip(message) is called and it gets no record."""
     if circular and not list_options:
         raise ChoicesError("--circular needs --list-options: without the options in the prompt their order "
                            "changes nothing")
@@ -237,19 +239,25 @@ def evaluate(questions, score, *, circular=False, list_options=False, progress=N
             try:
                 s = [float(x) for x in score(prompt, choices, images)]
             except ValueError as e:  # e.g. longer than the model's context
-                raise ChoicesError(f"{q.where}: {e}") from None
+                if on_skip is None:
+                    raise ChoicesError(f"{q.where}: {e}") from None
+                on_skip(f"skipped {q.where}: {e}")
+                predictions = None
+                break
             if not all(map(math.isfinite, s)):  # NaN weights: every max() would pick the first option
                 raise ChoicesError(f"{q.where}: the model's scores are not finite ({s}): are its weights sound?")
             best = max(range(len(s)), key=s.__getitem__)
             predictions.append(keys[order[best]])
             first = s if first is None else first
+        if progress is not None:
+            progress(1)
+        if predictions is None:  # skipped
+            continue
         rec = {"id": q.id, "scores": dict(zip(keys, first)), "prediction": predictions[0], "answer": q.answer,
                "correct": None if q.answer is None else all(p == q.answer for p in predictions)}
         if circular:
             rec["rotations"] = predictions
         records.append(rec)
-        if progress is not None:
-            progress(1)
     return records
 
 
@@ -267,11 +275,12 @@ def summary(records, circular=False, source="the file"):
     return f"{'CircularEval accuracy' if circular else 'accuracy'}: {100 * right / answered:.2f}% ({right} of {answered})"
 
 
-def run(model, tokenizer, questions, out, *, circular=False, list_options=False, normalize="sum", progress=None):
+def run(model, tokenizer, questions, out, *, circular=False, list_options=False, normalize="sum", progress=None,
+        on_skip=None):
     """python -m owl.eval choices: evaluate every question with the model, the records written to `out`
     (JSONL, whole or not at all)."""
     records = evaluate(questions, model_scorer(model, tokenizer, normalize), circular=circular,
-                       list_options=list_options, progress=progress)
+                       list_options=list_options, progress=progress, on_skip=on_skip)
     try:
         write_jsonl(records, out)
     except OSError:  # e.g. a full disk: no half-written temporary left beside `out`
