@@ -10,9 +10,13 @@ every single-turn question in a fresh one, greedy unless asked otherwise, and wr
 answer/ format. `write_html` makes a self-contained rating page (images embedded).
 
 `python -m owl.eval owleval DIR --model M --out answers.jsonl [--html page.html]` runs it (__main__.py).
+An image is read from inside cases/ only (an absolute or ../ path is refused, naming the line), and the
+page escapes everything it shows that it did not write (ids, questions, answers, model ids, names).
 The answers file is checked before the first question (its folder exists, it is not a folder, it can
-be written), each answer is appended as soon as it is made, and a re-run answers only the questions
-not in it yet (an answered turn of a conversation is put back into the session, not regenerated).
+be written, it is not an input, and if it exists it is this model's answers file), each answer is
+appended as soon as it is made, and a re-run answers only the questions not in it yet (an answered
+turn of a conversation is put back into the session, not regenerated); answers to another folder's
+questions stay in it, and one to the same id but another question or image is refused.
 """
 import base64
 import glob
@@ -131,7 +135,7 @@ def conversations(questions):
     convs, open_on = [], {}
     for q in questions:
         cat = q.get("category", ["single_turn"])
-        cat = [cat] if isinstance(cat, str) else cat
+        cat = cat if isinstance(cat, list) else [cat]
         if "multi_turn" in cat and "single_turn" not in cat and q["image"] in open_on:
             open_on[q["image"]].append(q)
             continue
