@@ -221,3 +221,21 @@ def test_2_27_a_question_longer_than_the_context_is_skipped_and_counted(tmp_path
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert "skipped" in r.stderr and "q.jsonl:3" in r.stderr and "1 question(s) skipped" in r.stderr
     assert [json.loads(line)["id"] for line in open(out)] == [0, 1]
+
+
+def test_3_13_ctrl_c_keeps_the_predictions_so_far(owl_model, tmp_path, monkeypatch):
+    model, tok = owl_model
+    (qs, _) = read_questions(str(mc_file(tmp_path, [{"question": f"q{i}", "options": ["a", "b"]} for i in range(4)])))
+    calls = []
+
+    def scorer(model, tok, normalize):
+        def score(prompt, cs, images):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return [0.0, 1.0]
+        return score
+    monkeypatch.setattr(choices, "model_scorer", scorer)
+    with pytest.raises(KeyboardInterrupt):
+        choices.run(model, tok, qs, str(tmp_path / "p.jsonl"))
+    assert [json.loads(line)["prediction"] for line in open(tmp_path / "p.jsonl")] == ["B", "B"]

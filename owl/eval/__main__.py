@@ -87,9 +87,14 @@ def run_choices(args, model, tok, plan, warn):
         warn(n)
     with tqdm(total=len(questions), desc="multiple choice", unit="question", file=sys.stderr) as bar:
         skipped = []
-        records = choices.run(model, tok, questions, args.out, circular=args.circular, list_options=args.list_options,
-                              normalize=args.normalize, progress=bar.update,
-                              on_skip=lambda m: (skipped.append(m), bar.write(m, file=sys.stderr)))
+        try:
+            records = choices.run(model, tok, questions, args.out, circular=args.circular,
+                                  list_options=args.list_options,
+                                  normalize=args.normalize, progress=bar.update,
+                                  on_skip=lambda m: (skipped.append(m), bar.write(m, file=sys.stderr)))
+        except choices.Interrupted as e:
+            warn(f"\ninterrupted: the {len(e.records)} predictions so far are in {args.out}")
+            return 130
     warn(f"wrote {len(records)} predictions to {args.out}"
          + (f" ({len(skipped)} question(s) skipped, named above)" if skipped else ""))
     print(choices.summary(records, circular=args.circular, source=args.questions))

@@ -44,6 +44,13 @@ class ChoicesError(ValueError):
     pass
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during evaluate: the records of the questions done so far (run writes them)."""
+    def __init__(self, records):
+        super().__init__()
+        self.records = records
+
+
 @dataclass
 class Question:
     id: object
@@ -224,41 +231,49 @@ def evaluate(questions, score, *, circular=False, list_options=False, progress=N
     each rotation as a key of the file's order. score(prompt, choices, images) -> [float]
     (model_scorer); it gets the same images list for every rotation of a question. A question the
     model cannot score (longer than its context) stops the run, or with on_skip is skipped:
-    on_skip(message) is called and it gets no record."""
+    on_skip(message) is called and it gets no record. Ctrl-C raises Interrupted with the records so far."""
     if circular and not list_options:
         raise ChoicesError("--circular needs --list-options: without the options in the prompt their order "
                            "changes nothing")
     records = []
-    for q in questions:
-        images, keys, texts = load_images(q), list(q.options), list(q.options.values())
-        predictions, first = [], None
-        for r in range(len(keys) if circular else 1):
-            order = [(i + r) % len(keys) for i in range(len(keys))]  # position i shows option order[i]
-            prompt, choices = prompt_and_choices(q, dict(zip(keys, (texts[j] for j in order))), len(images),
-                                                 list_options)
-            try:
-                s = [float(x) for x in score(prompt, choices, images)]
-            except ValueError as e:  # e.g. longer than the model's context
-                if on_skip is None:
-                    raise ChoicesError(f"{q.where}: {e}") from None
-                on_skip(f"skipped {q.where}: {e}")
-                predictions = None
-                break
-            if not all(map(math.isfinite, s)):  # NaN weights: every max() would pick the first option
-                raise ChoicesError(f"{q.where}: the model's scores are not finite ({s}): are its weights sound?")
-            best = max(range(len(s)), key=s.__getitem__)
-            predictions.append(keys[order[best]])
-            first = s if first is None else first
-        if progress is not None:
-            progress(1)
-        if predictions is None:  # skipped
-            continue
-        rec = {"id": q.id, "scores": dict(zip(keys, first)), "prediction": predictions[0], "answer": q.answer,
-               "correct": None if q.answer is None else all(p == q.answer for p in predictions)}
-        if circular:
-            rec["rotations"] = predictions
-        records.append(rec)
+    try:
+        for q in questions:
+            _evaluate_one(q, score, circular, list_options, on_skip, records)
+            if progress is not None:
+                progress(1)
+    except KeyboardInterrupt:
+        raise Interrupted(records) from None
     return records
+
+
+def _evaluate_one(q, score, circular, list_options, on_skip, records):
+    """One question's record appended to records (none if on_skip skipped it)."""
+    images, keys, texts = load_images(q), list(q.options), list(q.options.values())
+    predictions, first = [], None
+    for r in range(len(keys) if circular else 1):
+        order = [(i + r) % len(keys) for i in range(len(keys))]  # position i shows option order[i]
+        prompt, choices = prompt_and_choices(q, dict(zip(keys, (texts[j] for j in order))), len(images),
+                                             list_options)
+        try:
+            s = [float(x) for x in score(prompt, choices, images)]
+        except ValueError as e:  # e.g. longer than the model's context
+            if on_skip is None:
+                raise ChoicesError(f"{q.where}: {e}") from None
+            on_skip(f"skipped {q.where}: {e}")
+            predictions = None
+            break
+        if not all(map(math.isfinite, s)):  # NaN weights: every max() would pick the first option
+            raise ChoicesError(f"{q.where}: the model's scores are not finite ({s}): are its weights sound?")
+        best = max(range(len(s)), key=s.__getitem__)
+        predictions.append(keys[order[best]])
+        first = s if first is None else first
+    if predictions is None:  # skipped
+        return
+    rec = {"id": q.id, "scores": dict(zip(keys, first)), "prediction": predictions[0], "answer": q.answer,
+           "correct": None if q.answer is None else all(p == q.answer for p in predictions)}
+    if circular:
+        rec["rotations"] = predictions
+    records.append(rec)
 
 
 def accuracy(records):
@@ -278,9 +293,13 @@ def summary(records, circular=False, source="the file"):
 def run(model, tokenizer, questions, out, *, circular=False, list_options=False, normalize="sum", progress=None,
         on_skip=None):
     """python -m owl.eval choices: evaluate every question with the model, the records written to `out`
-    (JSONL, whole or not at all)."""
-    records = evaluate(questions, model_scorer(model, tokenizer, normalize), circular=circular,
-                       list_options=list_options, progress=progress, on_skip=on_skip)
+    (JSONL, whole or not at all; after Ctrl-C, Interrupted, the questions done so far)."""
+    try:
+        records = evaluate(questions, model_scorer(model, tokenizer, normalize), circular=circular,
+                           list_options=list_options, progress=progress, on_skip=on_skip)
+    except Interrupted as e:  # Ctrl-C: the predictions so far are kept
+        write_jsonl(e.records, out)
+        raise
     try:
         write_jsonl(records, out)
     except OSError:  # e.g. a full disk: no half-written temporary left beside `out`
