@@ -82,7 +82,9 @@ class RunLock:
         try:
             os.makedirs(self.out, exist_ok=True)
             while self.fd is None:
-                fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+                if os.path.islink(self.file):  # never follow a link planted in OUT (redteam-2 6.1)
+                    raise TrainError(f"{self.file} is a link: remove it, or choose another --out")
+                fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:

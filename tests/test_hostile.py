@@ -1,0 +1,19 @@
+"""Hostile inputs of ../shared/design/redteam-2.md on the write side (issue 22), one test per row."""
+import os
+
+import pytest
+
+from owl.train.safety import RunLock, TrainError
+
+
+def test_6_1_lock_link_is_refused_and_target_untouched(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("secret contents")
+    out = tmp_path / "run"
+    out.mkdir()
+    os.symlink(victim, out / ".train.lock")
+    lines = []
+    with pytest.raises(TrainError, match="is a link"):
+        with RunLock(str(out), log=lines.append):
+            pass
+    assert victim.read_text() == "secret contents" and not any("secret" in l for l in lines)
