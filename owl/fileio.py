@@ -76,7 +76,10 @@ def safetensors_shapes(file, error=ValueError):
 def write_atomic(path, text):
     """The whole file or the old one, never a part: written beside it, synced, renamed over it."""
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    if os.path.lexists(tmp):  # a leftover (or a planted link, redteam-2 6.2): unlink it, never write through it
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with open(fd, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

@@ -17,3 +17,12 @@ def test_6_1_lock_link_is_refused_and_target_untouched(tmp_path):
         with RunLock(str(out), log=lines.append):
             pass
     assert victim.read_text() == "secret contents" and not any("secret" in l for l in lines)
+
+
+def test_6_2_tmp_link_is_not_written_through(tmp_path):
+    from owl.fileio import write_atomic
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    os.symlink(victim, tmp_path / "adapter.json.tmp")
+    write_atomic(str(tmp_path / "adapter.json"), "{}")
+    assert victim.read_text() == "keep me" and (tmp_path / "adapter.json").read_text() == "{}"
