@@ -26,3 +26,20 @@ def test_6_2_tmp_link_is_not_written_through(tmp_path):
     os.symlink(victim, tmp_path / "adapter.json.tmp")
     write_atomic(str(tmp_path / "adapter.json"), "{}")
     assert victim.read_text() == "keep me" and (tmp_path / "adapter.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "metrics.jsonl.tmp", "adapter.json.tmp", "checkpoint"])
+@pytest.mark.parametrize("fresh", [True, False])
+def test_6_1_run_folder_with_a_link_is_refused(tmp_path, name, fresh):
+    from owl.train.safety import check_out
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("")
+    if name == "metrics.jsonl":
+        (out / name).unlink()
+    os.symlink(victim, out / name)
+    with pytest.raises(TrainError, match="holds a link where the run writes"):
+        check_out(str(out), [], fresh=fresh)
+    assert victim.read_text() == "keep me"
