@@ -43,3 +43,13 @@ def test_6_1_run_folder_with_a_link_is_refused(tmp_path, name, fresh):
     with pytest.raises(TrainError, match="holds a link where the run writes"):
         check_out(str(out), [], fresh=fresh)
     assert victim.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("alpha", ["NaN", "Infinity"])
+def test_1_14_adapter_alpha_not_finite_is_refused(tmp_path, alpha):
+    from owl.adapter import read_adapter_meta
+    from owl.weights import WeightsError
+    (tmp_path / "adapter.safetensors").write_bytes(b"")
+    (tmp_path / "adapter.json").write_text('{"r": 2, "alpha": %s, "targets": ["q_proj"]}' % alpha)
+    with pytest.raises(WeightsError, match="alpha"):
+        read_adapter_meta(str(tmp_path / "adapter.safetensors"))
