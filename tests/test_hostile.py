@@ -1,4 +1,5 @@
 """Hostile inputs of ../shared/design/redteam-2.md on the write side (issue 22), one test per row."""
+import json
 import os
 
 import pytest
@@ -53,3 +54,12 @@ def test_1_14_adapter_alpha_not_finite_is_refused(tmp_path, alpha):
     (tmp_path / "adapter.json").write_text('{"r": 2, "alpha": %s, "targets": ["q_proj"]}' % alpha)
     with pytest.raises(WeightsError, match="alpha"):
         read_adapter_meta(str(tmp_path / "adapter.safetensors"))
+
+
+@pytest.mark.parametrize("step", ["-5", "1.5", '"3"', "true"])
+def test_4_6_state_json_step_is_checked(tmp_path, step):
+    from owl.train.state import FORMAT, CheckpointError, read_meta
+    (tmp_path / "trainable.safetensors").write_bytes(b"")
+    (tmp_path / "state.json").write_text('{"format": %s, "step": %s}' % (json.dumps(FORMAT), step))
+    with pytest.raises(CheckpointError, match="the training state is invalid"):
+        read_meta(str(tmp_path))
