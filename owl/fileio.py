@@ -32,6 +32,8 @@ def read_json(file, error=ValueError, what="a JSON object"):
         d = json.loads(read_text(file, error))
     except json.JSONDecodeError as e:
         raise error(f"{file}: not valid JSON ({e})") from None
+    except RecursionError:  # [[[[... thousands deep (redteam-2 2.5/2.12)
+        raise error(f"{file}: malformed JSON (nested too deeply)") from None
     if not isinstance(d, dict):
         raise error(f"{file}: not {what} (it holds a JSON {type(d).__name__})")
     return d
@@ -47,6 +49,8 @@ def read_jsonl(file, error=ValueError, text=None):
                 out.append((f"{file}:{n}", json.loads(line)))
             except json.JSONDecodeError as e:
                 raise error(f"{file}:{n}: not valid JSON ({e.msg})") from None
+            except RecursionError:  # [[[[... thousands deep (redteam-2 2.5/2.12)
+                raise error(f"{file}:{n}: malformed JSON (nested too deeply)") from None
     return out
 
 

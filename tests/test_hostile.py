@@ -63,3 +63,13 @@ def test_4_6_state_json_step_is_checked(tmp_path, step):
     (tmp_path / "state.json").write_text('{"format": %s, "step": %s}' % (json.dumps(FORMAT), step))
     with pytest.raises(CheckpointError, match="the training state is invalid"):
         read_meta(str(tmp_path))
+
+
+def test_2_5_deeply_nested_json_is_one_line(tmp_path):
+    from owl.fileio import read_json, read_jsonl
+    (tmp_path / "a.json").write_text("[" * 200000)
+    (tmp_path / "a.jsonl").write_text('{"x": 1}\n' + "[" * 200000 + "\n")
+    with pytest.raises(ValueError, match="a.json: malformed JSON"):
+        read_json(str(tmp_path / "a.json"))
+    with pytest.raises(ValueError, match="a.jsonl:2: malformed JSON"):
+        read_jsonl(str(tmp_path / "a.jsonl"))
