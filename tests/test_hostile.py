@@ -73,3 +73,10 @@ def test_2_5_deeply_nested_json_is_one_line(tmp_path):
         read_json(str(tmp_path / "a.json"))
     with pytest.raises(ValueError, match="a.jsonl:2: malformed JSON"):
         read_jsonl(str(tmp_path / "a.jsonl"))
+
+
+@pytest.mark.parametrize("key,value", [("rope_theta", 0), ("rms_norm_eps", -1.0), ("rope_theta", float("nan"))])
+def test_1_7_config_out_of_range_is_refused(key, value):
+    from owl.config import LlamaConfig
+    with pytest.raises(ValueError, match=key):
+        LlamaConfig(**{key: value})
