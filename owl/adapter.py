@@ -9,6 +9,7 @@ An adapter trained on another base (the sha256 differs) is refused unless asked 
 """
 import hashlib
 import json
+import math
 import os
 
 import torch
@@ -52,7 +53,8 @@ def read_adapter_meta(adapter_file):
     if not os.path.isfile(meta_file):
         raise WeightsError(f"{meta_file}: missing (it holds the adapter's r, alpha and targets)")
     meta = read_json(meta_file, WeightsError)
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    # finite numbers only: json reads NaN and Infinity, and alpha NaN gives empty answers (redteam-2 1.14)
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
     ok = {"r": isinstance(meta.get("r"), int) and meta["r"] > 0, "alpha": number(meta.get("alpha")),
           "dropout": number(meta.get("dropout", 0.0)),
           "targets": isinstance(meta.get("targets"), list) and all(isinstance(t, str) for t in meta["targets"])}

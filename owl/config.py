@@ -78,6 +78,10 @@ class LlamaConfig:  # fL: HF LlamaForCausalLM (LLaMA-1, Llama-2, Vicuna)
             self.num_key_value_heads = self.num_attention_heads
         check_sizes(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "max_position_embeddings", heads="num_attention_heads")
+        for n in ("rms_norm_eps", "rope_theta"):  # 0 or NaN gave silently empty answers (redteam-2 1.7)
+            v = getattr(self, n)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                raise ValueError(f"{n} must be a positive finite number, got {v!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads}")

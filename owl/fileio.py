@@ -32,6 +32,8 @@ def read_json(file, error=ValueError, what="a JSON object"):
         d = json.loads(read_text(file, error))
     except json.JSONDecodeError as e:
         raise error(f"{file}: not valid JSON ({e})") from None
+    except RecursionError:  # [[[[... thousands deep (redteam-2 2.5/2.12)
+        raise error(f"{file}: malformed JSON (nested too deeply)") from None
     if not isinstance(d, dict):
         raise error(f"{file}: not {what} (it holds a JSON {type(d).__name__})")
     return d
@@ -47,6 +49,8 @@ def read_jsonl(file, error=ValueError, text=None):
                 out.append((f"{file}:{n}", json.loads(line)))
             except json.JSONDecodeError as e:
                 raise error(f"{file}:{n}: not valid JSON ({e.msg})") from None
+            except RecursionError:  # [[[[... thousands deep (redteam-2 2.5/2.12)
+                raise error(f"{file}:{n}: malformed JSON (nested too deeply)") from None
     return out
 
 
@@ -76,7 +80,10 @@ def safetensors_shapes(file, error=ValueError):
 def write_atomic(path, text):
     """The whole file or the old one, never a part: written beside it, synced, renamed over it."""
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    if os.path.lexists(tmp):  # a leftover (or a planted link, redteam-2 6.2): unlink it, never write through it
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with open(fd, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

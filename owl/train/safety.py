@@ -42,6 +42,10 @@ def check_out(out, sources, fresh):
     names train.py writes): a folder of anything else is refused before anything is written."""
     check_destination(out, WRITES if fresh else os.listdir(out) if os.path.isdir(out) else (), sources, TrainError)
     have = set(os.listdir(out)) if os.path.isdir(out) else set()
+    links = sorted(n for n in have & set(WRITES) if os.path.islink(os.path.join(out, n)))
+    if links:  # a link where the run writes would send the write outside OUT (redteam-2 6.1/6.2)
+        raise TrainError(f"--out {out} holds a link where the run writes ({os.path.join(out, links[0])}): "
+                         f"remove it, or choose another --out")
     if fresh and have and not have & {"metrics.jsonl", LOCK, "checkpoint", "checkpoint.tmp", "checkpoint.old"}:
         raise TrainError(f"--out {out} holds a model folder ({', '.join(sorted(have)[:3])}), not a training run's "
                          f"output: choose another --out")
@@ -82,7 +86,9 @@ class RunLock:
         try:
             os.makedirs(self.out, exist_ok=True)
             while self.fd is None:
-                fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+                if os.path.islink(self.file):  # never follow a link planted in OUT (redteam-2 6.1)
+                    raise TrainError(f"{self.file} is a link: remove it, or choose another --out")
+                fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:

@@ -153,6 +153,9 @@ def read_meta(folder):
     meta = read_json(file, CheckpointError, "a training state")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{file}: not a training state of this format ({FORMAT})")
+    step = meta.get("step")  # a hand-edited negative step trained with a negative learning rate (redteam-2 4.6)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{file}: the training state is invalid (step {step!r}: not an integer >= 0)")
     return meta
 
 
