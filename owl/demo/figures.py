@@ -60,7 +60,7 @@ def plot_losses(path, curves, w=360, h=260):
     log scale, with a legend, axis titles ("step", "loss") and four ticks on each axis."""
     img = Image.new("RGB", (w * len(curves), h + 24), "white")
     draw, f, small = ImageDraw.Draw(img), font(13), font(11)
-    left, right, top, bottom = 52, 12, 28, 44
+    left, right, top, bottom = 52, 12, 44, 44
     for k, (title, rows) in enumerate(curves.items()):
         x0 = k * w
         series = [[(r["step"], r["loss"]) for r in rows], [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]]
@@ -80,7 +80,7 @@ def plot_losses(path, curves, w=360, h=260):
             xx, _ = xy(last * i / 3, 10 ** lo)
             draw.text((xx, h - bottom + 4), f"{round(last * i / 3)}", fill="black", font=small, anchor="mt")
         draw.text((x0 + (w + left) / 2, h - bottom + 20), "step", fill="black", font=small, anchor="mt")
-        draw.text((x0 + 2, top - 14), "loss (log)", fill="black", font=small)
+        draw.text((x0 + 2, top - 20), "loss (log scale)", fill="black", font=small)
         for line, colour in zip(series, (TRAIN, HELD_OUT)):
             line = [xy(*p) for p in line if p[1] > 0]
             if len(line) > 1:
