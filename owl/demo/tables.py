@@ -1,8 +1,8 @@
 """python -m owl.demo.tables [--check]: the demo's tables quoted in README.md and tutorial 5, written from
-the stored report.json of named runs (bench/demo_runs/NAME/report.json, one column per run), between the
+the stored report.json of named runs (one folder per run in bench/demo_runs/, one column per run), between the
 marker comments below, so no number is typed by hand and none drifts unseen (tests/test_demo_report.py).
 
-A run is stored by copying its OUT/report.json into bench/demo_runs/NAME/ (see bench/RESULTS.md). With
+A run is stored by copying its OUT/report.json into a folder of bench/demo_runs/ named for it (bench/RESULTS.md). With
 --check nothing is written: the exit status is 1 when a quoted table differs from what this would write.
 """
 import argparse
