@@ -29,6 +29,8 @@ def test_conclusions_state_each_claim_with_its_interval():
     worse = dict(ABLATION, stage2_only=arm(0.80, [0.02, 0.11]))
     assert "trail stage 2 alone by 6.6 points" in report.conclusions(worse)[0]
     assert report.conclusions({"both": ABLATION["both"]}) == []
+    same = report.conclusions(dict(ABLATION, frozen_vit=arm(0.734, [0.0, 0.0])))[2]
+    assert "+0.0 points (95% CI +0.0 to +0.0); the interval includes 0" in same and "-0.0" not in same
 
 
 def test_arms_picture_has_every_arm_in_its_colour(tmp_path):

@@ -73,7 +73,7 @@ def loss_curves(out, runs):
 
 # the paper's claims: both stages against each arm, in the words of report.md's first lines
 CLAIMS = (("stage2_only", "stage 2 alone"), ("stage1_only", "stage 1 alone"),
-          ("frozen_vit", "both stages with the ViT frozen in stage 1 (LLaVA, MiniGPT-4)"))
+          ("frozen_vit", "the recipe that freezes the ViT in stage 1 (LLaVA, MiniGPT-4)"))
 
 
 def conclusions(ablation):
@@ -84,8 +84,8 @@ def conclusions(ablation):
         if arm not in ablation:
             continue
         r = ablation[arm]
-        gap = 100 * (ablation["both"]["accuracy"] - r["accuracy"])
-        lo, hi = -100 * r["ci95_vs_both"][1], -100 * r["ci95_vs_both"][0]
+        gap = 100 * (ablation["both"]["accuracy"] - r["accuracy"]) + 0.0  # + 0.0: no "-0.0"
+        lo, hi = -100 * r["ci95_vs_both"][1] + 0.0, -100 * r["ci95_vs_both"][0] + 0.0
         ci = f"(95% CI {lo:+.1f} to {hi:+.1f})"
         if lo > 0:
             lines.append(f"Both stages beat {name} by {gap:.1f} points {ci}.")
