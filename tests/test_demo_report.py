@@ -104,3 +104,26 @@ def test_quoted_tables_are_what_the_script_writes():
         old, new = tables.rewrite(path, block)
         assert old == new, f"{path}: run python -m owl.demo.tables"
     assert all(r.get("commit", "unknown") != "unknown" for r in runs.values())
+
+
+def test_plain_report_says_what_ablation_adds(tmp_path):
+    """Without --ablation there is no claim to state: report.md's first line says what --ablation adds
+    and how long it takes here (one more stage 1 and two more stage 2s, from this run's laps)."""
+    from PIL import Image
+    from owl.demo.run import DemoConfig
+    (tmp_path / "world" / "images").mkdir(parents=True)
+    Image.new("RGB", (56, 56), "red").save(tmp_path / "world" / "images" / "a.png")
+    (tmp_path / "stage1").mkdir()
+    (tmp_path / "stage1" / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3 - s / 10}) + "\n"
+                                                               for s in range(10)))
+    answers = [{"type": t, "images": ["images/a.png"], "turns": [["human", "q?"]], "answer": "a",
+                "prediction": "a", "correct": i % 2 == 0} for i, t in enumerate(QUESTION_TYPES)]
+    both = {"answers": answers, "n": len(answers), "per_type": {t: 1.0 for t in QUESTION_TYPES}}
+    report.write_report(str(tmp_path), DemoConfig(), {"both": [both]},
+                        {"accuracy": 0.7, "per_type": {}, "n": len(answers)}, {"ViT": {"p": 0.5}},
+                        {"exact": 0.0, "n": 0, "answers": []}, {"both": ["x"]},
+                        {"stage1": 60.0, "stage2": 90.0})
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    assert lines[2].startswith("The paper's point (two stages beat either alone) needs `--ablation`")
+    assert "about 4 minutes more here" in lines[2] and not (tmp_path / "arms.png").exists()
+    assert Image.open(tmp_path / "samples" / "0_0.png").size == (224, 224)
