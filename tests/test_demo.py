@@ -148,8 +148,15 @@ def test_reduced_demo_end_to_end(tmp_path, capfd):
         k = max(1, len(losses) // 5)
         assert sum(losses[-k:]) / k < 0.95 * sum(losses[:k]) / k, (run, losses[:k], losses[-k:])
     assert report["accuracy"] == report["ablation"]["both"]["accuracy"]
+    # report.md leads with the conclusions, from report.json's numbers, then the arms' picture
+    from owl.demo.report import conclusions
+    with open(os.path.join(out, "report.md")) as f:
+        lead = f.read().split("\n")[2:7]
+    assert lead == conclusions(report["ablation"]) + ["", "![held-out accuracy per question type, each arm on "
+                                                        "one 0-100% scale](arms.png)"]
+    assert report["commit"] == "unknown" or len(report["commit"]["sha"]) == 40
     for f in ("report.md", "loss.png", "llm/config.json", "clip/config.json", "stage1/model.safetensors",
-              "stage2/adapter.safetensors", "stage2_only/model.safetensors", "samples/0_0.png"):
+              "stage2/adapter.safetensors", "stage2_only/model.safetensors", "samples/0_0.png", "arms.png"):
         assert os.path.isfile(os.path.join(out, f)), f
     with open(os.path.join(out, "stage1", "metrics.jsonl")) as f:
         assert len(f.readlines()) == demo.QUICK["stage1_steps"]

@@ -2,19 +2,20 @@
 
 report.json: {"accuracy", "per_type", "n_questions", "llm_reads_notes", "ablation": {arm: {"accuracy",
 "per_type", "n", "ci95_vs_both", "ci95_vs_both_per_type"}}, "vit_probes", "describe", "times_s", "config",
-"checkpoints", "samples"}; arm is both, stage1_only, stage2_only or frozen_vit. With several training
-seeds an arm's accuracies are the means over its seeds. The loss plot is drawn with Pillow (a runtime
-package), so a fresh clone makes it.
+"checkpoints", "samples", "commit"}; arm is both, stage1_only, stage2_only or frozen_vit. With several training
+seeds an arm's accuracies are the means over its seeds. "commit" is the code that made the report
+({"sha", "dirty"}, or "unknown" outside a git checkout). report.md opens with the paper's point, one
+sentence per claim with its interval, and the arms' picture (figures.py).
 """
 import json
 import math
 import os
-import shutil
+import subprocess
 from dataclasses import asdict
 
 import torch
-from PIL import Image, ImageDraw
 
+from .figures import draw_arms, plot_losses, upscale
 from .world import QUESTION_TYPES
 
 ROWS = (("stage1_only", "stage 1 only (no instruction tuning)"),
@@ -58,34 +59,6 @@ def read_metrics(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_losses(out, curves, file="loss.png", w=300, h=220, pad=34):
-    """One panel per run: training loss per step (blue) and the held-out loss where logged (orange),
-    log scale, drawn with Pillow. Returns the PNG's name."""
-    img = Image.new("RGB", (w * len(curves), h), "white")
-    draw = ImageDraw.Draw(img)
-    for k, (title, rows) in enumerate(curves.items()):
-        x0, series = k * w, [[(r["step"], r["loss"]) for r in rows],
-                             [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]]
-        pts = [p for line in series for p in line if p[1] > 0]
-        lo, hi = math.log10(min(p[1] for p in pts)), math.log10(max(p[1] for p in pts))
-        hi, last = max(hi, lo + 1e-3), max(p[0] for p in pts) or 1
-
-        def xy(step, loss):
-            return (x0 + pad + (w - pad - 8) * step / last,
-                    h - pad + (pad + 20 - h) * (math.log10(loss) - lo) / (hi - lo))
-        draw.rectangle([x0 + pad, 20, x0 + w - 8, h - pad], outline="grey")
-        draw.text((x0 + pad, 4), title[:44], fill="black")
-        draw.text((x0 + 2, 20), f"{10 ** hi:.2g}", fill="black")
-        draw.text((x0 + 2, h - pad - 10), f"{10 ** lo:.2g}", fill="black")
-        draw.text((x0 + w - 60, h - pad + 4), f"step {last}", fill="black")
-        for line, colour in zip(series, ((40, 90, 200), (230, 120, 20))):
-            line = [xy(*p) for p in line if p[1] > 0]
-            if len(line) > 1:
-                draw.line(line, fill=colour, width=1 if colour[0] == 40 else 2)
-    img.save(os.path.join(out, file))
-    return file
-
-
 def loss_curves(out, runs):
     curves = {"LLM pretraining (stand-in LLaMA)": read_metrics(os.path.join(out, "llm", "metrics.jsonl")),
               "ViT pretraining (stand-in CLIP)": read_metrics(os.path.join(out, "clip", "metrics.jsonl")),
@@ -96,6 +69,42 @@ def loss_curves(out, runs):
             sub = "stage1" if arm == "frozen_vit" else ""
             curves[title] = read_metrics(os.path.join(out, arm, sub, "metrics.jsonl"))
     return {k: v for k, v in curves.items() if v}
+
+
+# the paper's claims: both stages against each arm, in the words of report.md's first lines
+CLAIMS = (("stage2_only", "stage 2 alone"), ("stage1_only", "stage 1 alone"),
+          ("frozen_vit", "the recipe that freezes the ViT in stage 1 (LLaVA, MiniGPT-4)"))
+
+
+def conclusions(ablation):
+    """One sentence per claim: both stages minus the arm, in points, with its paired 95% interval
+    (the interval of arm - both, negated); an interval that includes 0 shows nothing."""
+    lines = []
+    for arm, name in CLAIMS:
+        if arm not in ablation:
+            continue
+        r = ablation[arm]
+        gap = 100 * (ablation["both"]["accuracy"] - r["accuracy"]) + 0.0  # + 0.0: no "-0.0"
+        lo, hi = -100 * r["ci95_vs_both"][1] + 0.0, -100 * r["ci95_vs_both"][0] + 0.0
+        ci = f"(95% CI {lo:+.1f} to {hi:+.1f})"
+        if lo > 0:
+            lines.append(f"Both stages beat {name} by {gap:.1f} points {ci}.")
+        elif hi < 0:
+            lines.append(f"Both stages trail {name} by {-gap:.1f} points {ci}: the claim is contradicted here.")
+        else:
+            lines.append(f"Both stages against {name}: {gap:+.1f} points {ci}; the interval includes 0, "
+                         "so the claim is not shown.")
+    return lines
+
+
+def git_commit(root=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))):
+    """The checkout's HEAD and whether tracked files differ from it; "unknown" without git or a checkout."""
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=10, check=True).stdout.strip()
+        return {"sha": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def copy_samples(out, answers, n=8):
@@ -110,8 +119,8 @@ def copy_samples(out, answers, n=8):
     for i, a in enumerate(picked[:n]):
         names = []
         for j, img in enumerate(a["images"]):
-            name = f"samples/{i}_{j}.png"
-            shutil.copy(os.path.join(out, "world", img), os.path.join(out, name))
+            name = f"samples/{i}_{j}.png"  # enlarged to 224 px, nearest neighbour
+            upscale(os.path.join(out, "world", img), os.path.join(out, name))
             names.append(name)
         samples.append({"type": a["type"], "images": names, "turns": a["turns"], "answer": a["answer"],
                         "prediction": a["prediction"], "correct": a["correct"]})
@@ -127,13 +136,15 @@ def write_report(out, d, results, ceiling, probes, captions, runs, times):
     probes: ViT -> linear-probe accuracies; captions: run.describe of both; runs: arm -> checkpoint per seed."""
     both = results["both"][0]  # seed 0: its answers are the samples and answers_*.jsonl
     samples = copy_samples(out, both["answers"])
-    png = plot_losses(out, loss_curves(out, runs))
+    png = "loss.png"
+    plot_losses(os.path.join(out, png), loss_curves(out, runs))
     ablation = {k: summarise(r, results["both"]) for k, r in results.items()}
     report = {"accuracy": ablation["both"]["accuracy"], "per_type": ablation["both"]["per_type"],
               "n_questions": both["n"], "ablation": ablation, "vit_probes": probes, "describe": captions,
               "times_s": dict(times, total=round(sum(times.values()), 1)), "config": asdict(d),
               "llm_reads_notes": {k: ceiling[k] for k in ("accuracy", "per_type", "n")},
-              "checkpoints": {k: v[0] for k, v in runs.items()}, "checkpoints_per_seed": runs, "samples": samples}
+              "checkpoints": {k: v[0] for k, v in runs.items()}, "checkpoints_per_seed": runs, "samples": samples,
+              "commit": git_commit()}
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     for name, r in results.items():  # every answer of seed 0, for whoever wants to look closer
@@ -142,7 +153,17 @@ def write_report(out, d, results, ceiling, probes, captions, runs, times):
 
     types = [t for t in QUESTION_TYPES if t in both["per_type"]]
     acc = ablation["both"]
-    md = ["# mPLUG-Owl demo: a tiny model trained end to end on a synthetic world", "",
+    md = ["# mPLUG-Owl demo: a tiny model trained end to end on a synthetic world", ""]
+    if len(results) > 1:
+        draw_arms(os.path.join(out, "arms.png"), ablation, types)
+        md += conclusions(ablation)
+        md += ["", "![held-out accuracy per question type, each arm on one 0-100% scale](arms.png)", ""]
+    else:
+        extra = times.get("stage1", 0) + 2 * times.get("stage2", 0)  # one more stage 1, two more stage 2s
+        md += [f"The paper's point (two stages beat either alone) needs `--ablation`: it also trains stage 1 "
+               f"only, stage 2 only and the frozen-ViT control, with paired 95% intervals and a picture of "
+               f"the arms, about {extra / 60:.0f} minutes more here (from this run's stage times).", ""]
+    md += [
           f"Held-out accuracy of the two-stage model: **{pct(acc['accuracy'])}** "
           f"({both['n']} questions on {d.n_test} held-out images, world seed {d.seed}, "
           f"{d.seeds} training seed{'s' * (d.seeds > 1)}; greedy decoding, exact match after "
