@@ -234,8 +234,12 @@ def run_demo(out, ablation=False, quick=False, stand_ins=None, **overrides):
     d.stand_ins = stand_ins or shipped.PRETRAINED
     for sub in ("llm", "clip"):
         if not os.path.isfile(os.path.join(d.stand_ins, sub, "model.safetensors")):
-            raise DemoError(f"{os.path.join(d.stand_ins, sub)}: no stand-in there; make them with "
-                            f"`python -m owl.demo --pretrain-stand-ins DIR` and pass --stand-ins DIR")
+            if stand_ins:
+                raise DemoError(f"{os.path.join(d.stand_ins, sub)}: no stand-in there; make them with "
+                                f"`python -m owl.demo --pretrain-stand-ins {stand_ins}`")
+            print(f"[demo] {d.stand_ins}: no shipped stand-ins; pretraining them in this run", flush=True)
+            d.stand_ins = None
+            break
         shipped.check(os.path.join(d.stand_ins, sub))
     threads = torch.get_num_threads()
     torch.set_num_threads(d.threads or threads)
@@ -257,8 +261,12 @@ def _run_demo(out, d: DemoConfig, ablation):
         print(f"[demo] {name}: {times[name]} s", flush=True)
 
     llm_dir, clip_dir = os.path.join(out, "llm"), os.path.join(out, "clip")
-    for sub, to in (("llm", llm_dir), ("clip", clip_dir)):  # a copy beside the run (report.py reads their logs)
-        shutil.copytree(os.path.join(d.stand_ins, sub), to)
+    if d.stand_ins is None:  # none shipped: the recipe in this run, into OUT/llm and OUT/clip
+        shipped.pretrain_stand_ins(out, d, cfg)
+        lap("pretrain_stand_ins")
+    else:
+        for sub, to in (("llm", llm_dir), ("clip", clip_dir)):  # a copy beside the run (report.py reads their logs)
+            shutil.copytree(os.path.join(d.stand_ins, sub), to)
     # the world is written with the stand-in LLM's own tokenizer (the world seed changes the scenes, not
     # the words: every notes word is one piece of it, which stand_ins.notes_ids checks)
     paths = files.write_world(os.path.join(out, "world"), d.n_train, d.n_test, d.n_text, image_size=d.image_size,
