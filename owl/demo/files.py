@@ -14,10 +14,11 @@ from ..train.data import to_template
 
 
 def write_world(out_dir, n_train=1500, n_test=120, n_text=1500, image_size=56, seed=0, questions_per_type=40,
-                vocab_size=1024, n_corpus=4000, n_pretrain=6000, n_clip=3000, p_describe=0.2):
+                vocab_size=1024, n_corpus=4000, n_pretrain=6000, n_clip=3000, p_describe=0.2, tokenizer=None):
     """Write the whole world under out_dir; returns {name: path}. Deterministic for a seed. Three pools
     of training images: n_clip for the stand-in CLIP, n_pretrain captioned for stage 1 and n_train
-    with instructions for stage 2 (the paper's regime: stage 1 sees far more images than stage 2)."""
+    with instructions for stage 2 (the paper's regime: stage 1 sees far more images than stage 2).
+    tokenizer: a tokenizer.model to copy (the stand-in LLM's) instead of training one on this world."""
     rng = random.Random(seed)
     img_dir = os.path.join(out_dir, "images")
     os.makedirs(img_dir, exist_ok=True)
@@ -82,7 +83,11 @@ def write_world(out_dir, n_train=1500, n_test=120, n_text=1500, image_size=56, s
     tok_text = [c["caption"] for c in captions] + [e["text"] for e in sft] + [d["text"] for d in corpus]
     tok_text += [n for d in corpus for n in d["notes"]]
     tok_text += [to_template("alpaca", e)[0] for e in text_only] + [SYSTEM]  # as train.py reads them
-    train_tokenizer(tok_text, paths["tokenizer"], vocab_size)
+    if tokenizer:
+        with open(tokenizer, "rb") as src, open(paths["tokenizer"], "wb") as dst:
+            dst.write(src.read())
+    else:
+        train_tokenizer(tok_text, paths["tokenizer"], vocab_size)
     return paths
 
 

@@ -34,6 +34,7 @@ to reach its MLPs too.
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -43,13 +44,14 @@ import torch
 
 from . import files
 from .report import write_report
-from .stand_ins import notes_ids, pretrain_llm, pretrain_vit, probe_vit, write_hf_clip, write_hf_llama
+from . import shipped
+from .stand_ins import notes_ids, probe_vit
 from ..config import OwlConfig, VisionConfig, AbstractorConfig, LlamaConfig
 from ..generate import generate
 from ..image import load_image
 from ..tokenizer import Tokenizer, build_prompt
 from ..train.config import TrainConfig, to_argv
-from ..weights import load_model
+from ..weights import load_model, load_vision
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "train.py")
 
@@ -205,9 +207,20 @@ def stage2(d, out, world_paths, init, steps, seed):
 
 # ----------------------------------------------------------------------------- the whole demo
 
-def run_demo(out, ablation=False, quick=False, **overrides):
-    """Generate the world, pretrain the stand-ins, run both stages (each as `python train.py ...`),
-    evaluate, write the report; returns out."""
+def regenerate_stand_ins(out, quick=False, **overrides):
+    """python -m owl.demo --pretrain-stand-ins OUT: the shipped stand-ins' recipe, from scratch."""
+    d = DemoConfig(**{**(QUICK if quick else {}), **overrides})
+    if os.path.exists(os.path.join(out, "llm")):
+        raise DemoError(f"{os.path.join(out, 'llm')} exists: choose another OUT or remove it")
+    t = time.time()
+    shipped.pretrain_stand_ins(out, d, owl_config(d))
+    print(f"[demo] pretrained the stand-ins in {time.time() - t:.0f} s", flush=True)
+    return out
+
+
+def run_demo(out, ablation=False, quick=False, stand_ins=None, **overrides):
+    """Generate the world, read the shipped stand-ins (or those in stand_ins/llm and stand_ins/clip), run
+    both stages (each as `python train.py ...`), evaluate, write the report; returns out."""
     d = DemoConfig(**{**(QUICK if quick else {}), **overrides})
     # train.py refuses to overwrite a stage's output, so a second run into the same OUT would stop after
     # minutes of pretraining: refuse at once instead, and never delete an earlier run
@@ -218,6 +231,16 @@ def run_demo(out, ablation=False, quick=False, **overrides):
                         f"or remove it")
     if not os.path.isfile(TRAIN_PY):
         raise DemoError(f"{TRAIN_PY}: not found (the demo runs each stage as `python train.py`, beside owl/)")
+    d.stand_ins = stand_ins or shipped.PRETRAINED
+    for sub in ("llm", "clip"):
+        if not os.path.isfile(os.path.join(d.stand_ins, sub, "model.safetensors")):
+            if stand_ins:
+                raise DemoError(f"{os.path.join(d.stand_ins, sub)}: no stand-in there; make them with "
+                                f"`python -m owl.demo --pretrain-stand-ins {stand_ins}`")
+            print(f"[demo] {d.stand_ins}: no shipped stand-ins; pretraining them in this run", flush=True)
+            d.stand_ins = None
+            break
+        shipped.check(os.path.join(d.stand_ins, sub))
     threads = torch.get_num_threads()
     torch.set_num_threads(d.threads or threads)
     try:
@@ -237,22 +260,22 @@ def _run_demo(out, d: DemoConfig, ablation):
         t = time.time()
         print(f"[demo] {name}: {times[name]} s", flush=True)
 
+    llm_dir, clip_dir = os.path.join(out, "llm"), os.path.join(out, "clip")
+    if d.stand_ins is None:  # none shipped: the recipe in this run, into OUT/llm and OUT/clip
+        shipped.pretrain_stand_ins(out, d, cfg)
+        lap("pretrain_stand_ins")
+    else:
+        for sub, to in (("llm", llm_dir), ("clip", clip_dir)):  # a copy beside the run (report.py reads their logs)
+            shutil.copytree(os.path.join(d.stand_ins, sub), to)
+    # the world is written with the stand-in LLM's own tokenizer (the world seed changes the scenes, not
+    # the words: every notes word is one piece of it, which stand_ins.notes_ids checks)
     paths = files.write_world(os.path.join(out, "world"), d.n_train, d.n_test, d.n_text, image_size=d.image_size,
                               seed=d.seed, questions_per_type=d.questions_per_type, vocab_size=d.vocab_size,
-                              n_corpus=d.n_corpus, n_pretrain=d.n_pretrain, n_clip=d.n_clip)
+                              n_corpus=d.n_corpus, n_pretrain=d.n_pretrain, n_clip=d.n_clip,
+                              tokenizer=os.path.join(llm_dir, "tokenizer.model"))
     tok = Tokenizer(paths["tokenizer"], cfg.image_tokens)
+    vit = load_vision(clip_dir)
     lap("world")
-    llm_dir, clip_dir = os.path.join(out, "llm"), os.path.join(out, "clip")
-    os.makedirs(llm_dir, exist_ok=True)
-    with open(os.path.join(llm_dir, "metrics.jsonl"), "w") as log:
-        llm = pretrain_llm(cfg.text_config, tok, paths["corpus"], d.lm_steps, d.batch_size, d.lm_lr, d.seed, log)
-    write_hf_llama(llm, llm_dir, paths["tokenizer"])
-    lap("pretrain_llm")
-    os.makedirs(clip_dir, exist_ok=True)
-    with open(os.path.join(clip_dir, "metrics.jsonl"), "w") as log:
-        vit = pretrain_vit(cfg.vision_config, paths["alt_text"], d.vit_steps, d.vit_batch_size, d.vit_lr, d.seed, log)
-    write_hf_clip(vit, clip_dir)
-    lap("pretrain_vit")
 
     runs = {}  # arm -> one checkpoint per training seed
     for seed in range(d.seeds):
