@@ -10,8 +10,9 @@ a time without reading it all into memory. Each shard becomes a safetensors shar
 model.safetensors.index.json when there are several); the RoPE `inv_freq` buffers are dropped (they
 are not weights); config, tokenizer and other files are copied. The result is checked against the
 model the config describes and read back tensor by tensor, and only then moved into place.
-DST must not exist, or hold only what this conversion writes (an earlier run of it); DST == SRC and
-a DST holding anything else are refused before anything is read. merge checks the adapter against
+DST (and merge's OUT) must be new or empty: DST == SRC and a DST holding anything (another model, an
+earlier conversion) are refused before anything is read. A file of SRC that is a link is read only
+when it stays inside SRC or the Hugging Face cache SRC is a snapshot of. merge checks the adapter against
 its base (adapter.json's sha256) and writes a plain model folder (owl.save_model): chat it without
 --adapter, or continue training from it.
 """
@@ -21,6 +22,7 @@ import shutil
 import sys
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .adapter import apply_adapter, check_adapter_base, read_adapter_meta
@@ -59,7 +61,9 @@ def convert(src, dst):
              if len(shards) > 1 else ["model.safetensors"])
     copied = [f for f in os.listdir(src) if not (f.endswith(".bin") or f == "pytorch_model.bin.index.json")
               and os.path.isfile(os.path.join(src, f))]  # config, tokenizer, preprocessor config, ...
-    check_destination(dst, copied + names + ["model.safetensors.index.json"], sources=(src,), error=WeightsError)
+    for f in copied + shards:
+        check_link(src, f)
+    check_new(dst, sources=(src,))
 
     def write(tmp):
         for f in copied:
@@ -88,13 +92,36 @@ def convert(src, dst):
     return names
 
 
-MERGED = ("config.json", "model.safetensors", "tokenizer.model")  # what merge writes (owl.save_model)
+def check_link(src, name):
+    """A file of SRC that is a link is read only where it stays inside SRC, or inside the blobs/ of the
+    Hugging Face cache SRC is a snapshot of (models--X/snapshots/REV/f -> ../../blobs/HASH): a link
+    pointing anywhere else (README.md -> ~/.ssh/id_rsa) would be copied into DST (redteam-2 6.4)."""
+    path = os.path.join(src, name)
+    if not os.path.islink(path):
+        return
+    real, root = os.path.realpath(path), os.path.realpath(src)
+    blobs = os.path.join(os.path.dirname(os.path.dirname(root)), "blobs")
+    if not (os.path.isfile(real) and any(real.startswith(d + os.sep) for d in (root, blobs))):
+        raise WeightsError(f"{path} is a link to {real}, outside the model folder: copy the file in, or remove it")
+
+
+def check_new(dst, sources):
+    """DST is new or empty: a folder holding anything (another model, an earlier conversion) is never
+    replaced (redteam-2 1.17), and it is never a source folder."""
+    have = sorted(os.listdir(dst)) if os.path.isdir(dst) else [os.path.basename(dst)] if os.path.lexists(dst) else []
+    if os.path.isdir(dst):
+        check_destination(dst, have, sources=sources, error=WeightsError)  # (only its "is the source folder" check)
+    if have:
+        raise WeightsError(f"{dst} exists and is not empty ({', '.join(have[:3])}{', ...' if len(have) > 3 else ''}): "
+                           f"give a new or empty folder")
+
+
 
 
 def merge(base, adapter, out, ignore_base=False):
     """BASE + ADAPTER -> OUT, a plain model folder; everything is checked before the model is read,
     and OUT is never the base or the adapter's folder."""
-    check_destination(out, MERGED, sources=(base, os.path.dirname(os.path.abspath(adapter))), error=WeightsError)
+    check_new(out, sources=(base, os.path.dirname(os.path.abspath(adapter))))
     read_adapter_meta(adapter) if ignore_base else check_adapter_base(adapter, base)
     model, _ = load_model(base, dtype=None)
     apply_adapter(model, adapter)
@@ -115,7 +142,7 @@ def main(argv):
             sys.exit("usage: python -m owl.convert SRC_DIR DST_DIR\n"
                      "       python -m owl.convert merge BASE_DIR ADAPTER_FILE OUT_DIR [--ignore-adapter-base]")
         names = convert(*argv)
-    except (WeightsError, OSError) as e:
+    except (WeightsError, OSError, SafetensorError) as e:  # SafetensorError: e.g. the disk filled (3.15)
         sys.exit(f"error: {e}")
     print(f"wrote {len(names)} safetensors file(s) to {argv[1]}; verified against the config's model")
 

@@ -79,25 +79,25 @@ def convert_main(capsys, *args):
 
 def test_convert_never_replaces_what_it_did_not_write(ref, tmp_path, capsys):
     """Report 2.7 (a DST holding precious.txt and sub/ was emptied), 2.8 (DST == SRC lost the .bin
-    shards), 2.9 (a DST file was renamed away): refused with one line, nothing touched. An earlier
-    conversion into DST is this command's own output: replaced."""
+    shards), 2.9 (a DST file was renamed away): refused with one line, nothing touched. Redteam-2 1.17:
+    DST must be new or empty, so an earlier conversion (or another model) is never replaced either."""
     src = tmp_path / "release"
     make_release(ref, str(src))
     dst = tmp_path / "dst"
     (dst / "sub").mkdir(parents=True)
     (dst / "precious.txt").write_text("precious")
     (dst / "sub" / "notes.txt").write_text("n")
-    one_line(convert_main(capsys, src, dst), f"{dst} exists and is not this command's own output (precious.txt, sub)")
+    one_line(convert_main(capsys, src, dst), f"{dst} exists and is not empty (precious.txt, sub)")
     assert (dst / "precious.txt").read_text() == "precious" and (dst / "sub" / "notes.txt").exists()
     before = sorted(os.listdir(src))
     one_line(convert_main(capsys, src, src), f"{src} is the source folder")
     assert sorted(os.listdir(src)) == before and not os.path.exists(f"{src}.tmp")
     (tmp_path / "afile").write_text("mine")
-    one_line(convert_main(capsys, src, tmp_path / "afile"), "is not this command's own output (afile)")
+    one_line(convert_main(capsys, src, tmp_path / "afile"), "exists and is not empty (afile)")
     assert (tmp_path / "afile").read_text() == "mine"
     new = tmp_path / "new"
-    for _ in range(2):  # the second run replaces the first one's output
-        assert convert_main(capsys, src, new).returncode == 0
+    assert convert_main(capsys, src, new).returncode == 0
+    one_line(convert_main(capsys, src, new), f"{new} exists and is not empty")  # never replaced, even by itself
     assert owl.load_model(str(new))[0] is not None
 
 

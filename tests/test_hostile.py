@@ -80,3 +80,51 @@ def test_1_7_config_out_of_range_is_refused(key, value):
     from owl.config import LlamaConfig
     with pytest.raises(ValueError, match=key):
         LlamaConfig(**{key: value})
+
+
+def test_6_4_convert_refuses_a_link_leaving_the_model_folder(ref, tmp_path, capsys):
+    """A README.md -> ~/.ssh/id_rsa in a downloaded folder is never copied into DST; the Hugging Face
+    cache's own links (snapshots/REV/f -> ../../blobs/HASH) still are."""
+    from owl.convert import main
+    from tests.conftest import call_main, one_line
+    from tests.test_convert import make_release
+    src = tmp_path / "release"
+    make_release(ref, str(src))
+    secret = tmp_path / "id_rsa"
+    secret.write_text("PRIVATE KEY MATERIAL")
+    os.symlink(secret, src / "README.md")
+    one_line(call_main(capsys, main, src, tmp_path / "dst"), "README.md is a link", "outside the model folder")
+    assert not (tmp_path / "dst").exists()
+    os.remove(src / "README.md")  # the cache layout: every file a link into blobs/
+    repo = tmp_path / "models--x"
+    snap, blobs = repo / "snapshots" / "abc", repo / "blobs"
+    snap.mkdir(parents=True), blobs.mkdir()
+    for f in os.listdir(src):
+        os.replace(src / f, blobs / f)
+        os.symlink(os.path.join("..", "..", "blobs", f), snap / f)
+    r = call_main(capsys, main, snap, tmp_path / "dst2")
+    assert r.returncode == 0, r.stderr
+    assert not any(os.path.islink(tmp_path / "dst2" / f) for f in os.listdir(tmp_path / "dst2"))
+
+
+def test_1_17_merge_never_replaces_a_model_folder(ref, tmp_path, capsys):
+    from owl.convert import main
+    from tests.conftest import call_main, one_line
+    other = tmp_path / "other_model"
+    other.mkdir()
+    for f in ("config.json", "model.safetensors", "tokenizer.model"):  # exactly the names merge writes
+        (other / f).write_text("theirs")
+    r = call_main(capsys, main, "merge", os.path.join(ref, "mplug_owl"), tmp_path / "no_adapter.safetensors", other)
+    one_line(r, f"{other} exists and is not empty")
+    assert all((other / f).read_text() == "theirs" for f in os.listdir(other))
+
+
+def test_3_17_fresh_run_refuses_a_finished_runs_out(tmp_path):
+    from owl.train.safety import check_out
+    out = tmp_path / "finished"
+    out.mkdir()
+    for f in ("metrics.jsonl", "adapter.safetensors", "adapter.json", "model.safetensors", "config.json"):
+        (out / f).write_text("x")  # a finished stage-2 run whose checkpoint/ was deleted
+    with pytest.raises(TrainError, match="holds a finished run's model: pass --resume"):
+        check_out(str(out), (), fresh=True)
+    check_out(str(out), (), fresh=False)  # --resume of it is still the user's call

@@ -49,6 +49,9 @@ def check_out(out, sources, fresh):
     if fresh and have and not have & {"metrics.jsonl", LOCK, "checkpoint", "checkpoint.tmp", "checkpoint.old"}:
         raise TrainError(f"--out {out} holds a model folder ({', '.join(sorted(have)[:3])}), not a training run's "
                          f"output: choose another --out")
+    if fresh and have & {"model.safetensors", "adapter.safetensors"}:  # a finished run (redteam-2 3.17)
+        raise TrainError(f"--out {out} holds a finished run's model: pass --resume to continue it, or choose "
+                         f"another --out")
 
 
 @contextlib.contextmanager
