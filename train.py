@@ -18,6 +18,7 @@ are owl/train/parallel.py, full fine-tuning sharded over them owl/train/fsdp.py.
 """
 import json
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -320,11 +321,18 @@ def eval_loss(model, examples, *, batch_size, stage, rank, world, device, autoca
     return all_sum(total, world, device) / max(all_sum(count, world, device), 1)
 
 
+def one_line(e):
+    """An error a DataLoader worker raised reaches us as "Caught DataError in DataLoader worker process 0.
+    Original Traceback ...": its own message is the last line."""
+    text = str(e).strip()
+    return text.splitlines()[-1].split(": ", 1)[-1] if text.startswith("Caught ") else text
+
+
 if __name__ == "__main__":
     try:
         main()
     except (TrainError, DataError, CheckpointError, WeightsError, ImageError, OSError) as e:  # OSError: e.g. OUT turned read-only
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
     except Stopped as e:  # SIGINT / SIGTERM, after saving a checkpoint
         print(e, file=sys.stderr)
@@ -332,3 +340,8 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # a second Ctrl-C
         print("interrupted: the last saved checkpoint is intact; --resume continues from it", file=sys.stderr)
         sys.exit(130)
+    finally:  # workers ignore SIGTERM (safety.worker_init): one still alive after an error would keep the
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # interpreter's exit waiting forever (redteam-2 2.7);
+        for p in multiprocessing.active_children():  # (the DataLoader's SIGCHLD handler would call this a crash)
+            p.kill()
+            p.join()

@@ -128,3 +128,18 @@ def test_3_17_fresh_run_refuses_a_finished_runs_out(tmp_path):
     with pytest.raises(TrainError, match="holds a finished run's model: pass --resume"):
         check_out(str(out), (), fresh=True)
     check_out(str(out), (), fresh=False)  # --resume of it is still the user's call
+
+
+def test_2_7_an_error_in_a_dataloader_worker_ends_the_run(tmp_path):
+    """A shard with no sample, read by a worker (--workers 1): the error in one line and exit 1, no hang."""
+    import subprocess
+    import sys
+    import tarfile
+    from tests.conftest import ROOT
+    from tests.test_shards import shard_run
+    with tarfile.open(tmp_path / "empty.tar", "w"):
+        pass
+    args = shard_run(str(tmp_path / "empty.tar"), tmp_path / "out", "--workers", "1")
+    r = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "hold no sample" in r.stderr, r.stderr[-2000:]
