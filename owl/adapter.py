@@ -30,6 +30,8 @@ def sha256_of(path):
     h = hashlib.sha256()
     for f in sorted(os.listdir(path)):
         if f.endswith(".safetensors") and not f.startswith("adapter"):
+            if not os.path.isfile(os.path.join(path, f)):  # a link to /dev/zero would be read forever (1.11)
+                raise WeightsError(f"{os.path.join(path, f)} is not a regular file")
             with open(os.path.join(path, f), "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 24), b""):
                     h.update(block)

@@ -60,14 +60,21 @@ def weight_files(path):
 
 def read_weights(files, keep=None, dtype=None, device="cpu", progress=False):
     """{name: tensor} of the safetensors files for the kept names, converted tensor by tensor (floating
-    ones only) so that at most one extra tensor is alive at any time. progress: a tqdm bar on stderr."""
-    out = {}
+    ones only) so that at most one extra tensor is alive at any time. progress: a tqdm bar on stderr.
+    A tensor held by two files (a stray model_backup.safetensors) and a non-finite weight (NaN gives
+    silently empty answers) are refused, naming the file and the key (redteam-2 1.10, 1.7)."""
+    out, source = {}, {}
     with tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True, desc="loading weights",
               file=sys.stderr, disable=not progress, leave=False) as bar:  # (closed, its line cleared, on an error too)
         for file in files:
             for k, t in read_safetensors(file, keep, WeightsError):
                 bar.update(t.nbytes)
-                out[k] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).to(device)
+                if k in source:
+                    raise WeightsError(f"{file}: {k} is also in {source[k]}: two files hold the same tensors; "
+                                       f"remove the one that is not the model's")
+                out[k], source[k] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).to(device), file
+                if out[k].is_floating_point() and not torch.isfinite(out[k]).all():  # (on the device: fast on a GPU)
+                    raise WeightsError(f"{file}: {k} holds NaN or infinite values")
     return out
 
 

@@ -143,3 +143,44 @@ def test_2_7_an_error_in_a_dataloader_worker_ends_the_run(tmp_path):
     r = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "hold no sample" in r.stderr, r.stderr[-2000:]
+
+
+def _model_copy(ref, tmp_path, name):
+    import shutil
+    d = tmp_path / name
+    shutil.copytree(os.path.join(ref, "mplug_owl"), d)
+    return d
+
+
+def test_1_7_a_nan_weight_is_refused_at_load(ref, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from owl.weights import WeightsError
+    import owl
+    d = _model_copy(ref, tmp_path, "nan")
+    f = [x for x in os.listdir(d) if x.endswith(".safetensors")][0]
+    sd = load_file(d / f)
+    k = next(k for k, v in sd.items() if v.is_floating_point() and "norm" in k)
+    sd[k][0] = float("nan")
+    save_file(sd, d / f)
+    with pytest.raises(WeightsError, match=f"{k} holds NaN"):
+        owl.load_model(str(d))
+
+
+def test_1_10_a_stray_file_with_the_same_tensors_is_refused(ref, tmp_path):
+    import shutil
+    from owl.weights import WeightsError
+    import owl
+    d = _model_copy(ref, tmp_path, "dup")
+    f = [x for x in os.listdir(d) if x.endswith(".safetensors")][0]
+    shutil.copy(d / f, d / "model_backup.safetensors")
+    with pytest.raises(WeightsError, match="two files hold the same tensors"):
+        owl.load_model(str(d))
+
+
+def test_1_11_a_weight_file_linked_to_a_device_is_not_hashed_forever(ref, tmp_path):
+    from owl.adapter import sha256_of
+    from owl.weights import WeightsError
+    d = _model_copy(ref, tmp_path, "devzero")
+    os.symlink("/dev/zero", d / "extra.safetensors")
+    with pytest.raises(WeightsError, match="not a regular file"):
+        sha256_of(str(d))
