@@ -184,3 +184,18 @@ def test_1_11_a_weight_file_linked_to_a_device_is_not_hashed_forever(ref, tmp_pa
     os.symlink("/dev/zero", d / "extra.safetensors")
     with pytest.raises(WeightsError, match="not a regular file"):
         sha256_of(str(d))
+
+
+def test_2_9_a_huge_brace_range_is_refused_before_it_is_built():
+    from owl.train.data import DataError
+    from owl.train.shards import shard_files
+    with pytest.raises(DataError, match="names 10,000,000,000 shards"):
+        shard_files("/nowhere/{00000..9999999999}.tar")
+
+
+def test_2_10_a_gzipped_shard_is_named(tmp_path):
+    from owl.train.data import DataError
+    from owl.train.shards import shard_files
+    (tmp_path / "s.tar.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(DataError, match="gzipped shards are not supported"):
+        shard_files(str(tmp_path / "s.tar.gz"))

@@ -85,17 +85,34 @@ def expand_braces(spec):
     return [s for item in items for s in expand_braces(head + item + tail)]
 
 
+MAX_SHARDS = 1_000_000
+
+
+def brace_count(spec):
+    """How many names expand_braces(spec) gives, without building them (a {00000..9999999999} typo
+    would fill the memory first: redteam-2 2.9)."""
+    n = 1
+    for body in re.findall(r"\{([^{}]*)\}", spec):
+        rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+        n *= abs(int(rng.group(2)) - int(rng.group(1))) + 1 if rng else len(body.split(","))
+    return n
+
+
 def shard_files(data):
     """The .tar shards --data names (braces expanded, folders listed), or None if it names no shard.
     Missing shards and a mix of shards with JSON files stop here, naming the entry."""
     shards, others = [], []
     for spec in split_data(data):
+        if brace_count(spec) > MAX_SHARDS:
+            raise DataError(f"--data {spec}: names {brace_count(spec):,} shards (more than {MAX_SHARDS:,}): check the range")
         for path in expand_braces(spec):
             if os.path.isdir(path):
                 found = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".tar"))
                 if not found:
                     raise DataError(f"--data {path}: a folder without .tar shards")
                 shards += found
+            elif path.endswith((".tar.gz", ".tgz")):  # (webdataset reads them; read as JSON they gave wrong advice)
+                raise DataError(f"{path}: gzipped shards are not supported: give plain .tar shards (gunzip them)")
             elif path.endswith(".tar"):
                 if not os.path.isfile(path):
                     raise DataError(f"{path}: no such shard" + (f" (from {spec})" if spec != path else ""))
