@@ -113,8 +113,9 @@ def test_reduced_demo_end_to_end(tmp_path, capfd):
     commands = [l.split("[demo] python train.py ", 1)[1] for l in capfd.readouterr().out.splitlines()
                 if l.startswith("[demo] python train.py ")]
     assert [parse(shlex.split(c)).out for c in commands] == [os.path.join(out, d) for d in (
-        "stage1", "stage2", "unaligned", "stage2_only", "frozen_vit/stage1", "frozen_vit/stage2")]
-    assert "--freeze-vision" in commands[4] and parse(shlex.split(commands[1])).init == os.path.join(out, "stage1")
+        "unaligned", "stage1", "stage2", "stage2_only", "frozen_vit/stage1", "frozen_vit/stage2")]
+    assert "--freeze-vision" in commands[4] and parse(shlex.split(commands[2])).init == os.path.join(out, "stage1")
+    assert parse(shlex.split(commands[3])).init == os.path.join(out, "unaligned")
     cmds = readme.commands()  # what the README's commands after the demo read, the demo wrote
     assert all(os.path.exists(os.path.join(out, p)) for p in readme.paths_read_from(readme.demo_out(cmds), cmds))
     with open(os.path.join(out, "report.json")) as f:
@@ -148,6 +149,13 @@ def test_reduced_demo_end_to_end(tmp_path, capfd):
         k = max(1, len(losses) // 5)
         assert sum(losses[-k:]) / k < 0.95 * sum(losses[:k]) / k, (run, losses[:k], losses[-k:])
     assert report["accuracy"] == report["ablation"]["both"]["accuracy"]
+    # every model's visual tokens were read; the one before stage 1 reads as no word of the notes' content
+    # (a fresh abstractor), and the readout of the saved stage-1 model is reproduced from its checkpoint
+    from owl.demo import readout
+    assert set(report["readout"]) == {"unaligned", "stage1", "both", "stage2_only", "frozen_vit_stage1", "frozen_vit"}
+    assert report["readout"]["unaligned"]["content"] < 0.1
+    again = readout.read_images(*owl.load_model(os.path.join(out, "stage1")), os.path.join(out, "world", "test.json"))
+    assert again["per_kind"] == report["readout"]["stage1"]["per_kind"] and again["rows"][:3] == report["readout"]["stage1"]["rows"]
     # report.md leads with the conclusions, from report.json's numbers, then the arms' picture
     from owl.demo.report import conclusions
     with open(os.path.join(out, "report.md")) as f:

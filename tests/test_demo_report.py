@@ -4,13 +4,18 @@ the picture, the tables in README.md and tutorial 5 are exactly what the script 
 runs, and report.json records the commit. No training here: the reduced run is tests/test_demo.py's."""
 import json
 import os
+import random
 import re
 
 import numpy as np
 import pytest
+import torch
 
-from owl.demo import figures, report, tables
+from owl.demo import figures, readout, report, shipped, tables
+from owl.demo import world as w
+from owl.demo.stand_ins import notes_ids
 from owl.demo.world import QUESTION_TYPES
+from owl.weights import load_llama, load_tokenizer
 
 
 def arm(acc, ci, per_type=None):
@@ -127,3 +132,28 @@ def test_plain_report_says_what_ablation_adds(tmp_path):
     assert lines[2].startswith("The paper's point (two stages beat either alone) needs `--ablation`")
     assert "about 4 minutes more here" in lines[2] and not (tmp_path / "arms.png").exists()
     assert Image.open(tmp_path / "samples" / "0_0.png").size == (224, 224)
+
+
+def test_readout_reads_the_notes_own_embeddings_as_the_notes(monkeypatch):
+    """Visual tokens that are the notes' input embeddings (scaled and slightly perturbed: the readout is
+    by cosine) read back as the notes, word for word; a token moved to another word's embedding is read
+    as that word and costs exactly its slot."""
+    llm = os.path.join(shipped.PRETRAINED, "llm")
+    lm, tok = load_llama(llm), load_tokenizer(llm, 21)
+    rng = random.Random(0)
+    notes = [w.notes(w.random_scene(rng)) for _ in range(4)]
+    want = torch.tensor([notes_ids(tok, n) for n in notes])  # (4, 21)
+    table = lm.model.embed_tokens.weight.detach()
+    noise = torch.randn(4, 21, table.shape[1], generator=torch.Generator().manual_seed(0))
+    tokens = 3.0 * table[want] + 1e-3 * noise  # (4, 21, C)
+    other = "yellow" if notes[1].split()[3] != "yellow" else "red"  # slot 3: the top left cell's colour
+    tokens[1, 3] = table[tok.sp.piece_to_id("\u2581" + other)]
+    model = type("M", (), {})()
+    model.language_model = lm
+    monkeypatch.setattr(readout, "visual_tokens", lambda m, images: tokens)
+    got = readout.nearest_words(model, tok, [None] * 4)
+    r = readout.score(tok, got, want, [f"{i}.png" for i in range(4)])
+    assert [row["read"] for row in r["rows"]][0] == notes[0] + " ."
+    assert r["rows"][1]["read"] != notes[1] + " ."
+    assert r["content"] == pytest.approx(1 - 1 / 48) and r["per_kind"]["colour"] == pytest.approx(1 - 1 / 16)
+    assert r["per_kind"]["cell name"] == r["per_kind"]["size"] == r["per_kind"]["shape"] == r["per_kind"]["end"] == 1.0

@@ -57,16 +57,19 @@ def draw_arms(path, ablation, types, w=900, h=420):
 
 def plot_losses(path, curves, w=360, h=260):
     """One panel per run, each titled: the training loss per step and the held-out loss where logged,
-    log scale, with a legend, axis titles ("step", "loss") and four ticks on each axis."""
+    on one log scale shared by every panel (so runs compare at a glance), with a legend, axis titles
+    ("step", "loss") and four ticks on each axis."""
     img = Image.new("RGB", (w * len(curves), h + 24), "white")
     draw, f, small = ImageDraw.Draw(img), font(13), font(11)
     left, right, top, bottom = 52, 12, 44, 44
-    for k, (title, rows) in enumerate(curves.items()):
+    runs = [[[(r["step"], r["loss"]) for r in rows], [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]]
+            for rows in curves.values()]
+    every = [p[1] for series in runs for line in series for p in line if p[1] > 0]
+    lo, hi = math.log10(min(every)), math.log10(max(every))
+    hi = max(hi, lo + 1e-3)
+    for k, (title, series) in enumerate(zip(curves, runs)):
         x0 = k * w
-        series = [[(r["step"], r["loss"]) for r in rows], [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]]
-        pts = [p for line in series for p in line if p[1] > 0]
-        lo, hi = math.log10(min(p[1] for p in pts)), math.log10(max(p[1] for p in pts))
-        hi, last = max(hi, lo + 1e-3), max(p[0] for p in pts) or 1
+        last = max(p[0] for line in series for p in line) or 1
 
         def xy(step, loss):
             return (x0 + left + (w - left - right) * step / last,

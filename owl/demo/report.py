@@ -16,6 +16,7 @@ from dataclasses import asdict
 import torch
 
 from .figures import draw_arms, plot_losses, upscale
+from .readout import MODELS
 from .world import QUESTION_TYPES
 
 ROWS = (("stage1_only", "stage 1 only (no instruction tuning)"),
@@ -131,7 +132,33 @@ def pct(x):
     return f"{100 * x:.1f}%"
 
 
-def write_report(out, d, results, ceiling, probes, captions, runs, times):
+def readout_md(readout, pictures):
+    """report.md's section on what the visual tokens say: agreement per model, then the first images'
+    tokens, word by word under the notes (pictures: those images, enlarged)."""
+    have = [(k, label) for k, label, _ in MODELS if k in readout]
+    kinds = list(next(iter(readout.values()))["per_kind"])
+    md = ["## What the visual tokens say (each read as its nearest word in the LLM's embedding table)", "",
+          "The stand-in LLM was pretrained with each image's notes in words where the visual tokens go; "
+          "aligned visual tokens read as those words. Share of slots whose token reads as the notes' word "
+          "(held-out images; content = size, colour, shape of each cell):", "",
+          "| model | content | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 2) + "|"]
+    md += [f"| {label} | {pct(readout[k]['content'])} | " + " | ".join(pct(readout[k]["per_kind"][x]) for x in kinds)
+           + " |" for k, label in have]
+    shown = [(k, label) for k, label in (("unaligned", "before stage 1"), ("stage1", "after stage 1"),
+                                         ("both", "after stage 2")) if k in readout]
+    for i, picture in enumerate(pictures):
+        row = readout[shown[0][0]]["rows"][i]
+        lines = [("the notes", row["notes"].split())] + [(label, readout[k]["rows"][i]["read"].split())
+                                                        for k, label in shown]
+        width = [max(len(ws[j]) for _, ws in lines) for j in range(len(lines[0][1]))]
+        pad = max(len(name) for name, _ in lines)
+        md += ["", f"![{row['image']}]({picture})", "", "```"]
+        md += [f"{name:<{pad}}  " + " ".join(w.ljust(n) for w, n in zip(ws, width)).rstrip() for name, ws in lines]
+        md += ["```"]
+    return md + [""]
+
+
+def write_report(out, d, results, ceiling, probes, captions, runs, times, readout=None):
     """results: arm -> one evaluate() per training seed; ceiling: the stand-in LLM reading the notes;
     probes: ViT -> linear-probe accuracies; captions: run.describe of both; runs: arm -> checkpoint per seed."""
     both = results["both"][0]  # seed 0: its answers are the samples and answers_*.jsonl
@@ -143,6 +170,8 @@ def write_report(out, d, results, ceiling, probes, captions, runs, times):
               "n_questions": both["n"], "ablation": ablation, "vit_probes": probes, "describe": captions,
               "times_s": dict(times, total=round(sum(times.values()), 1)), "config": asdict(d),
               "llm_reads_notes": {k: ceiling[k] for k in ("accuracy", "per_type", "n")},
+              "readout": {k: {**{x: r[x] for x in ("content", "per_kind", "n")}, "rows": r["rows"][:3]}
+                          for k, r in (readout or {}).items()},
               "checkpoints": {k: v[0] for k, v in runs.items()}, "checkpoints_per_seed": runs, "samples": samples,
               "commit": git_commit()}
     with open(os.path.join(out, "report.json"), "w") as f:
@@ -194,6 +223,11 @@ def write_report(out, d, results, ceiling, probes, captions, runs, times):
     md += ["## What the ViT's features hold (linear probes, held-out images)", "",
            "| ViT | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     md += [f"| {name} | " + " | ".join(pct(v) for v in p.values()) + " |" for name, p in probes.items()]
+    if readout:
+        pictures = [f"samples/readout_{i}.png" for i in range(min(3, len(next(iter(readout.values()))["rows"])))]
+        for row, picture in zip(next(iter(readout.values()))["rows"], pictures):  # enlarged, as the samples
+            upscale(os.path.join(out, "world", row["image"]), os.path.join(out, picture))
+        md += readout_md(readout, pictures)
     md += ["", "## \"Describe this image.\" (chat's first question, held-out images)", "",
            f"{pct(captions['exact'])} of {captions['n']} answers are exactly the reference caption.", "",
            "| image | reference caption | answer |", "|---|---|---|"]

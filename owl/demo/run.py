@@ -13,7 +13,8 @@
    Each stage runs as `python train.py ...`, the command printed before it: the very command a run
    at scale uses, on the demo's files.
 5. Greedy answers to held-out questions on held-out images are scored (exact match after
-   normalisation) and OUT/report.json, OUT/report.md, OUT/loss.png and OUT/samples/ are written.
+   normalisation), each model's visual tokens are read as words (readout.py: what stage 1 aligned),
+   and OUT/report.json, OUT/report.md, OUT/loss.png and OUT/samples/ are written.
 With --ablation it also trains the paper's Table 2 variants: stage 1 only (no instruction tuning),
 stage 2 only (no multimodal pretraining: the ViT and abstractor are never aligned) and both, and the
 control the paper argues against: both stages with the ViT frozen in stage 1 (LLaVA, MiniGPT-4).
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from . import files
+from .readout import read_run
 from .report import write_report
 from . import shipped
 from .stand_ins import notes_ids, probe_vit
@@ -280,6 +282,9 @@ def _run_demo(out, d: DemoConfig, ablation):
     runs = {}  # arm -> one checkpoint per training seed
     for seed in range(d.seeds):
         at, tag = (out, "") if seed == 0 else (os.path.join(out, f"seed{seed}"), f"_seed{seed}")
+        # Stage 1 for 0 steps exports the unaligned model (the stand-in CLIP ViT, a fresh abstractor, the
+        # LLM) by the same code path: what stage 1 starts from, and stage 2 only's start in the ablation.
+        s0 = stage1(d, os.path.join(at, "unaligned"), paths, clip_dir, llm_dir, 0, seed)
         s1 = stage1(d, os.path.join(at, "stage1"), paths, clip_dir, llm_dir, d.stage1_steps, seed)
         lap(f"stage1{tag}")
         runs.setdefault("both", []).append(
@@ -287,9 +292,7 @@ def _run_demo(out, d: DemoConfig, ablation):
         lap(f"stage2{tag}")
         if ablation:
             runs.setdefault("stage1_only", []).append(s1)  # multimodal pretraining, no instruction tuning
-            # No multimodal pretraining: stage 1 for 0 steps exports the unaligned model (the stand-in CLIP
-            # ViT, a fresh abstractor, the LLM) by the same code path; stage 2 then starts from it.
-            s0 = stage1(d, os.path.join(at, "unaligned"), paths, clip_dir, llm_dir, 0, seed)
+            # No multimodal pretraining: stage 2 starts from the unaligned model.
             runs.setdefault("stage2_only", []).append(
                 stage2(d, os.path.join(at, "stage2_only"), paths, s0, d.stage2_steps, seed))
             # The frozen-encoder recipe (LLaVA, MiniGPT-4): stage 1 trains the abstractor only.
@@ -306,8 +309,9 @@ def _run_demo(out, d: DemoConfig, ablation):
     # what the ViT's features hold, before stage 1 (the stand-in CLIP; also the frozen arm's ViT) and after
     probes = {"stand-in CLIP (before stage 1; the frozen_vit arm)": probe_vit(vit, paths["labels"]),
               "after stage 1": probe_vit(s1_model.vision_model, paths["labels"])}
+    readout = read_run(out)  # each model's visual tokens read as words (seed 0)
     lap("evaluate")
-    write_report(out, d, results, ceiling, probes, captions, runs, times)
+    write_report(out, d, results, ceiling, probes, captions, runs, times, readout)
     image = os.path.join(out, "world", "images", sorted(os.listdir(os.path.join(out, "world", "images")))[0])
     print(f"[demo] the report: {os.path.join(out, 'report.md')}; the model: {runs['both'][0]}\n"
           f"[demo] chat with it: python chat.py --model {shlex.quote(runs['both'][0])} --image {shlex.quote(image)}",
