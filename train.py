@@ -69,11 +69,12 @@ def data_setup(cfg):
         if not cfg.init:
             raise TrainError("--stage 2 needs --init OWL_DIR (a stage-1 output or a released model folder)")
         model_cfg = load_config(cfg.init)
-        tok, ctx = load_tokenizer(cfg.init, model_cfg.image_tokens), model_cfg.text_config.max_position_embeddings
+        tok = load_tokenizer(cfg.init, model_cfg.image_tokens, model_cfg.text_config.vocab_size)
+        ctx = model_cfg.text_config.max_position_embeddings
     else:
         if not cfg.llm_init:
             raise TrainError("--stage 1 needs --llm-init LLAMA_DIR")
-        model_cfg, tok = None, load_tokenizer(cfg.llm_init, cfg.num_queries + 1)
+        model_cfg, tok = None, load_tokenizer(cfg.llm_init, cfg.num_queries + 1, read_config(cfg.llm_init).get("vocab_size"))
         ctx = read_config(cfg.llm_init).get("max_position_embeddings", 2048)
     if not cfg.data:
         raise TrainError("--data FILE[,FILE...] is required")

@@ -253,9 +253,9 @@ def _tokenizer_file(path):
     return file
 
 
-def load_tokenizer(path, image_tokens=65):
-    try:
-        return Tokenizer(_tokenizer_file(path), image_tokens)
+def load_tokenizer(path, image_tokens=65, vocab_size=None):
+    try:  # vocab_size: the model's, which the tokenizer must fit (Tokenizer)
+        return Tokenizer(_tokenizer_file(path), image_tokens, vocab_size)
     except ValueError as e:
         raise WeightsError(str(e)) from None
 
@@ -284,7 +284,7 @@ def load_model(path, device="cpu", dtype=torch.float32, progress=False):
     dtype=None keeps the files' dtype; progress shows a bar on stderr. Every file the load
     needs is checked before any weight is read."""
     cfg = load_config(path)
-    tok = load_tokenizer(path, cfg.image_tokens)
+    tok = load_tokenizer(path, cfg.image_tokens, cfg.text_config.vocab_size)
     return load_owl(path, cfg, device, dtype, progress), tok
 
 
