@@ -86,8 +86,6 @@ def apply_adapter(model, adapter_file):
     # r against the tensors' rank before apply_lora allocates r x width per layer (r 1e8: 38 GB, redteam-2 1.13)
     ranks = {k: v.shape[0] if k.endswith("lora_A") else v.shape[-1] for k, v in sd.items() if k.endswith(("lora_A", "lora_B"))}
     wrong = [k for k, r in ranks.items() if r != meta["r"]]
-    if meta["targets"] and not ranks:
-        raise WeightsError(f"{adapter_file}: no LoRA tensors (lora_A, lora_B), but adapter.json names targets")
     if wrong:
         raise WeightsError(f"{os.path.dirname(os.path.abspath(adapter_file))}/adapter.json: r {meta['r']:,} but "
                            f"{wrong[0]} has rank {ranks[wrong[0]]}")
