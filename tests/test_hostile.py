@@ -313,6 +313,7 @@ def test_1_13_adapter_r_that_the_tensors_contradict_is_refused_before_allocating
 def test_2_3_a_huge_shard_member_is_refused_by_its_header(tmp_path, monkeypatch):
     import io
     import tarfile
+    import owl
     from owl.train import shards
     from tests.test_shards import TOK, png
     monkeypatch.setattr(shards, "MAX_MEMBER", 4000, raising=False)  # (64 MiB: a sparse 1 GiB member stands for it here)
