@@ -194,6 +194,8 @@ def train(cfg, ckpt_dir, lock=None):
                    grad_accum=cfg.grad_accum, data=data, sharded=sharded, log=log) if cfg.resume else 0
     if master:
         trim_metrics(os.path.join(cfg.out, "metrics.jsonl"), start)
+    if start > cfg.max_steps:  # (a longer run, or a hand-edited step: redteam-2 4.7) nothing to train
+        log(f"note: the checkpoint is at step {start}, past --max-steps {cfg.max_steps}: exporting it as is")
 
     dataset, batches = (data, data.batches(worker_init_fn=worker_init(lock))) if shards else step_batches(
         train_ex, image_size=image_size, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_steps=cfg.max_steps,
