@@ -225,7 +225,7 @@ def vision_pins(c: VisionConfig, hf=False, section="vision_config."):
 def owl_pins(cfg: OwlConfig):
     fk, a = cfg.visual_abstractor_config, "visual_abstractor_config."
     return {**vision_pins(cfg.vision_config), a + "num_hidden_layers": (fk.num_hidden_layers, "abstractor.encoder.layers."),
-            a + "hidden_size": (fk.hidden_size, ("query_tokens", -1)), "num_query_tokens": (cfg.num_query_tokens, ("query_tokens", 1)),
+            a + "hidden_size": (fk.hidden_size, ("query_tokens", -1)),
             a + "intermediate_size": (fk.intermediate_size, ("abstractor.encoder.layers.0.crossattention.output.mlp.w1.weight", 0)),
             **llama_pins(cfg.text_config, "language_model.", "text_config.")}
 
