@@ -69,11 +69,12 @@ def data_setup(cfg):
         if not cfg.init:
             raise TrainError("--stage 2 needs --init OWL_DIR (a stage-1 output or a released model folder)")
         model_cfg = load_config(cfg.init)
-        tok, ctx = load_tokenizer(cfg.init, model_cfg.image_tokens), model_cfg.text_config.max_position_embeddings
+        tok = load_tokenizer(cfg.init, model_cfg.image_tokens, model_cfg.text_config.vocab_size)
+        ctx = model_cfg.text_config.max_position_embeddings
     else:
         if not cfg.llm_init:
             raise TrainError("--stage 1 needs --llm-init LLAMA_DIR")
-        model_cfg, tok = None, load_tokenizer(cfg.llm_init, cfg.num_queries + 1)
+        model_cfg, tok = None, load_tokenizer(cfg.llm_init, cfg.num_queries + 1, read_config(cfg.llm_init).get("vocab_size"))
         ctx = read_config(cfg.llm_init).get("max_position_embeddings", 2048)
     if not cfg.data:
         raise TrainError("--data FILE[,FILE...] is required")
@@ -193,6 +194,8 @@ def train(cfg, ckpt_dir, lock=None):
                    grad_accum=cfg.grad_accum, data=data, sharded=sharded, log=log) if cfg.resume else 0
     if master:
         trim_metrics(os.path.join(cfg.out, "metrics.jsonl"), start)
+    if start > cfg.max_steps:  # (a longer run, or a hand-edited step: redteam-2 4.7) nothing to train
+        log(f"note: the checkpoint is at step {start}, past --max-steps {cfg.max_steps}: exporting it as is")
 
     dataset, batches = (data, data.batches(worker_init_fn=worker_init(lock))) if shards else step_batches(
         train_ex, image_size=image_size, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_steps=cfg.max_steps,

@@ -83,6 +83,12 @@ def apply_adapter(model, adapter_file):
     adapter's tensors (LoRA A/B and any other trained tensor, e.g. the abstractor), checked."""
     meta = read_adapter_meta(adapter_file)
     sd = dict(read_safetensors(adapter_file, error=WeightsError))
+    # r against the tensors' rank before apply_lora allocates r x width per layer (r 1e8: 38 GB, redteam-2 1.13)
+    ranks = {k: v.shape[0] if k.endswith("lora_A") else v.shape[-1] for k, v in sd.items() if k.endswith(("lora_A", "lora_B"))}
+    wrong = [k for k, r in ranks.items() if r != meta["r"]]
+    if wrong:
+        raise WeightsError(f"{os.path.dirname(os.path.abspath(adapter_file))}/adapter.json: r {meta['r']:,} but "
+                           f"{wrong[0]} has rank {ranks[wrong[0]]}")
     try:
         apply_lora(model.language_model, tuple(meta["targets"]), meta["r"], meta["alpha"], meta.get("dropout", 0.0))
     except ValueError as e:  # no layer of that name

@@ -58,6 +58,9 @@ class AbstractorConfig:  # fK: official MplugOwlVisualAbstractorModel
                     "encoder_hidden_size", heads="num_attention_heads")
 
 
+MAX_POSITIONS = 1 << 20  # a generous bound on a context: the longest LLaMA-family contexts are 2^17 - 2^20
+
+
 @dataclass
 class LlamaConfig:  # fL: HF LlamaForCausalLM (LLaMA-1, Llama-2, Vicuna)
     vocab_size: int = 32000
@@ -78,6 +81,9 @@ class LlamaConfig:  # fL: HF LlamaForCausalLM (LLaMA-1, Llama-2, Vicuna)
             self.num_key_value_heads = self.num_attention_heads
         check_sizes(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "max_position_embeddings", heads="num_attention_heads")
+        if self.max_position_embeddings > MAX_POSITIONS:  # 1e9: chat's KV cache asked for 384 GB (redteam-2 1.4)
+            raise ValueError(f"max_position_embeddings {self.max_position_embeddings} is more than {MAX_POSITIONS:,}: "
+                             f"no model this code reads has such a context (is the config right?)")
         for n in ("rms_norm_eps", "rope_theta"):  # 0 or NaN gave silently empty answers (redteam-2 1.7)
             v = getattr(self, n)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):

@@ -41,7 +41,7 @@ def clean_text(text):
 
 
 class Tokenizer:
-    def __init__(self, model_file, image_tokens=65):
+    def __init__(self, model_file, image_tokens=65, vocab_size=None):
         if not os.path.isfile(model_file):
             raise FileNotFoundError(f"{model_file}: no such tokenizer file")
         try:
@@ -52,6 +52,14 @@ class Tokenizer:
         self.image_tokens = image_tokens  # slots per <image>: num_query_tokens + 1
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.vocab_size = self.sp.vocab_size()
+        # The model's config.json vocab_size (redteam-2 1.12): more pieces than it has rows would index past
+        # the embedding; fewer is legal (padding rows: the demo's tokenizer), and decode skips those ids.
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(f"{model_file} has no BOS or EOS piece (bos_id {self.bos_id}, eos_id {self.eos_id}): "
+                             f"not a LLaMA tokenizer")
+        if isinstance(vocab_size, int) and self.vocab_size > vocab_size:
+            raise ValueError(f"{model_file} has {self.vocab_size} pieces, more than config.json's vocab_size "
+                             f"{vocab_size}: the tokenizer is not the model's")
         # ids decode skips, as HF's decode(skip_special_tokens=True) does
         self.special = {i for i in (self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id(), self.sp.pad_id()) if i >= 0}
 
@@ -69,7 +77,8 @@ class Tokenizer:
         return ids
 
     def decode(self, ids):
-        return self.sp.decode([i for i in ids if i >= 0 and i not in self.special])  # vocabulary ids only
+        # vocabulary ids only: not IMAGE_SLOT, nor a padding row's id past the pieces (sampled from the logits)
+        return self.sp.decode([i for i in ids if 0 <= i < self.vocab_size and i not in self.special])
 
 
 def check_image_count(n_slots, n_images, per_image=1):

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .config import OwlConfig, VisionConfig, LlamaConfig, from_dict
-from .fileio import atomic_dir, read_json, read_safetensors
+from .fileio import atomic_dir, read_json, read_safetensors, safetensors_shapes
 from .llama import Llama
 from .model import MplugOwl
 from .tokenizer import Tokenizer
@@ -203,6 +203,47 @@ def load_checked(module, sd, source):
     return module
 
 
+# ----------------------------------------------------------------------------- a config against its weights
+
+def llama_pins(c: LlamaConfig, p="", section=""):
+    """{config key: (its value, where the weights show it: (key, dim), or the prefix of the layers to count)}."""
+    return {section + "num_hidden_layers": (c.num_hidden_layers, p + "model.layers."),
+            section + "hidden_size": (c.hidden_size, (p + "model.embed_tokens.weight", 1)),
+            section + "intermediate_size": (c.intermediate_size, (p + "model.layers.0.mlp.gate_proj.weight", 0))}
+
+
+def vision_pins(c: VisionConfig, hf=False, section="vision_config."):
+    e = "vision_model.embeddings."
+    cls, patch, pos = ("class_embedding", "patch_embedding.weight", "position_embedding.weight") if hf else (
+        "cls_token", "patch_embed.weight", "position_embedding")  # (C,) / (1, 1, C); (N + 1, C) / (1, N + 1, C)
+    return {section + "num_hidden_layers": (c.num_hidden_layers, "vision_model.encoder.layers."),
+            section + "hidden_size": (c.hidden_size, (e + cls, -1)), section + "patch_size": (c.patch_size, (e + patch, 2)),
+            section + "intermediate_size": (c.intermediate_size, ("vision_model.encoder.layers.0.mlp.fc1.weight", 0)),
+            section + "image_size (in positions)": (c.num_patches + 1, (e + pos, -2))}
+
+
+def owl_pins(cfg: OwlConfig):
+    fk, a = cfg.visual_abstractor_config, "visual_abstractor_config."
+    return {**vision_pins(cfg.vision_config), a + "num_hidden_layers": (fk.num_hidden_layers, "abstractor.encoder.layers."),
+            a + "hidden_size": (fk.hidden_size, ("query_tokens", -1)),
+            a + "intermediate_size": (fk.intermediate_size, ("abstractor.encoder.layers.0.crossattention.output.mlp.w1.weight", 0)),
+            **llama_pins(cfg.text_config, "language_model.", "text_config.")}
+
+
+def check_fits(path, pins, files):
+    """Refuse a config.json size that the weight files' headers contradict, before the model is built on the meta
+    device (a num_hidden_layers of 1e6 took minutes there, a hidden_size of 1e9 overflowed: redteam-2 1.2, 1.3)."""
+    shapes = {k: s for f in files for k, s in safetensors_shapes(f, WeightsError).items()}
+    for key, (want, where) in pins.items():
+        if isinstance(where, str):  # the layers under a prefix
+            got = len({k[len(where):].split(".", 1)[0] for k in shapes if k.startswith(where)}) or None
+        else:
+            s = shapes.get(where[0])
+            got = s[where[1]] if s is not None and -len(s) <= where[1] < len(s) else None
+        if got is not None and want != got:
+            raise WeightsError(f"{path}/config.json: {key} is {want:,} but the weights hold {got:,}")
+
+
 # ----------------------------------------------------------------------------- public loaders
 
 def _tokenizer_file(path):
@@ -212,9 +253,9 @@ def _tokenizer_file(path):
     return file
 
 
-def load_tokenizer(path, image_tokens=65):
-    try:
-        return Tokenizer(_tokenizer_file(path), image_tokens)
+def load_tokenizer(path, image_tokens=65, vocab_size=None):
+    try:  # vocab_size: the model's, which the tokenizer must fit (Tokenizer)
+        return Tokenizer(_tokenizer_file(path), image_tokens, vocab_size)
     except ValueError as e:
         raise WeightsError(str(e)) from None
 
@@ -225,7 +266,10 @@ def load_config(path):
         kind = d.get("model_type", "unknown")
         raise WeightsError(f"{path} is not an mPLUG-Owl model folder (config.json model_type={kind!r}; "
                            f"it needs vision_config, visual_abstractor_config and text_config)")
-    return _parsed(path, OwlConfig.from_official_dict, d)
+    cfg = _parsed(path, OwlConfig.from_official_dict, d)
+    if any(f.endswith(".safetensors") for f in os.listdir(path)):  # (python -m owl.memory may read a config alone)
+        check_fits(path, owl_pins(cfg), weight_files(path))
+    return cfg
 
 
 def _parsed(path, make, *a):
@@ -240,7 +284,7 @@ def load_model(path, device="cpu", dtype=torch.float32, progress=False):
     dtype=None keeps the files' dtype; progress shows a bar on stderr. Every file the load
     needs is checked before any weight is read."""
     cfg = load_config(path)
-    tok = load_tokenizer(path, cfg.image_tokens)
+    tok = load_tokenizer(path, cfg.image_tokens, cfg.text_config.vocab_size)
     return load_owl(path, cfg, device, dtype, progress), tok
 
 
@@ -263,9 +307,11 @@ def load_vision(clip_dir, device="cpu", dtype=torch.float32, layer_norm_eps=None
     cfg = _parsed(clip_dir, from_dict, VisionConfig, vd, "vision_config")
     if layer_norm_eps is not None:
         cfg.layer_norm_eps = layer_norm_eps
+    files = weight_files(clip_dir)
+    check_fits(clip_dir, vision_pins(cfg, hf=True), files)
     with torch.device("meta"):
         vit = VisionTransformer(cfg)
-    sd = read_weights(weight_files(clip_dir), keep=lambda k: k.startswith("vision_model."), dtype=dtype,
+    sd = read_weights(files, keep=lambda k: k.startswith("vision_model."), dtype=dtype,
                       device=device)  # the text tower is never read
     return load_checked(vit, map_hf_clip(sd, cfg), clip_dir).eval()
 
@@ -275,10 +321,11 @@ def load_llama(llama_dir, device="cpu", dtype=torch.float32):
     d = read_config(llama_dir)
     if d.get("model_type", "llama") != "llama":
         raise WeightsError(f"{llama_dir}/config.json: model_type {d.get('model_type')!r} is not llama")
-    cfg = _parsed(llama_dir, from_dict, LlamaConfig, d)
+    cfg, files = _parsed(llama_dir, from_dict, LlamaConfig, d), weight_files(llama_dir)
+    check_fits(llama_dir, llama_pins(cfg), files)
     with torch.device("meta"):
         llm = Llama(cfg)
-    sd = drop_rope_buffers(read_weights(weight_files(llama_dir), dtype=dtype, device=device))
+    sd = drop_rope_buffers(read_weights(files, dtype=dtype, device=device))
     return load_checked(llm, sd, llama_dir).eval()
 
 

@@ -221,7 +221,13 @@ class ChatSession:
     def _ensure_cache(self):
         llm = self.model.language_model
         if not llm.has_caches(self._caches):
-            self._caches, self._cached = llm.setup_caches(1, self.context), []
+            try:
+                self._caches, self._cached = llm.setup_caches(1, self.context), []
+            except RuntimeError as e:  # torch.OutOfMemoryError too; the whole context's cache (redteam-2 1.4)
+                if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+                    raise
+                raise ChatError(f"the KV cache for a context of {self.context:,} positions does not fit in memory: "
+                                f"pass --context N (fewer positions)") from None
 
     def _image_embeds(self, uids):
         """Visual tokens (N, image_tokens, C) of these images, encoding only those not seen before."""

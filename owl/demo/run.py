@@ -55,6 +55,9 @@ from ..tokenizer import Tokenizer, build_prompt
 from ..train.config import TrainConfig, to_argv
 from ..weights import load_model, load_vision
 
+# what a run writes in OUT (report.py: report.*, loss.png, arms.png, answers_ARM.jsonl, samples/)
+DEMO_WRITES = {"world", "llm", "clip", "report.md", "report.json", "loss.png", "arms.png", "samples"} | {
+    f"answers_{arm}.jsonl" for arm in ("both", "stage1_only", "stage2_only", "frozen_vit")}
 TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "train.py")
 
 
@@ -231,6 +234,10 @@ def run_demo(out, ablation=False, quick=False, stand_ins=None, **overrides):
     if earlier:
         raise DemoError(f"{os.path.join(out, earlier[0])} exists (an earlier demo run): choose another OUT "
                         f"or remove it")
+    # and never write world/, llm/, report.md, ... into a folder of other things (/, a home: redteam-2 3.18)
+    if os.path.exists(out) and (not os.path.isdir(out) or (foreign := sorted(set(os.listdir(out)) - DEMO_WRITES))):
+        what = f"holds {foreign[0]}, which the demo does not write" if os.path.isdir(out) else "is not a folder"
+        raise DemoError(f"{out} {what}: choose a new or empty OUT")
     if not os.path.isfile(TRAIN_PY):
         raise DemoError(f"{TRAIN_PY}: not found (the demo runs each stage as `python train.py`, beside owl/)")
     d.stand_ins = stand_ins or shipped.PRETRAINED

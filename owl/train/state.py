@@ -25,6 +25,7 @@ import shutil
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..adapter import save_adapter, trainable_state
@@ -65,11 +66,15 @@ def save_preprocessor_config(out_dir, image_size):
 def export(model, out, tokenizer_file, save_dtype, lora=None, base=None):
     """OUT: the whole model in the official layout. In stage 2 (lora: dict(r, alpha, dropout,
     targets); base: the --init folder) the adapter files are written first, then LoRA is merged."""
-    if lora is not None:
-        save_adapter(model, out, lora, base)
-        merge_lora(model)
     tmp = os.path.join(out, ".export")
-    save_model(model, tmp, tokenizer_file=tokenizer_file, dtype=save_dtype)
+    try:
+        if lora is not None:
+            save_adapter(model, out, lora, base)
+            merge_lora(model)
+        save_model(model, tmp, tokenizer_file=tokenizer_file, dtype=save_dtype)
+    except SafetensorError as e:  # e.g. the disk filled (redteam-2 3.14); save_model's atomic_dir left nothing
+        raise OSError(f"{out}: the model could not be written ({e}); the checkpoint is intact: --resume "
+                      f"exports it again") from None
     save_preprocessor_config(tmp, model.config.vision_config.image_size)
     move_into(tmp, out)
 
@@ -156,7 +161,35 @@ def read_meta(folder):
     step = meta.get("step")  # a hand-edited negative step trained with a negative learning rate (redteam-2 4.6)
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"{file}: the training state is invalid (step {step!r}: not an integer >= 0)")
+    if bad := invalid_field(meta):
+        raise CheckpointError(f"{file}: the training state is invalid ({bad})")
     return meta
+
+
+def invalid_field(meta):
+    """The first field of state.json that resume could not use, or None: a hand-edited file stops here,
+    named, not in a traceback at the first step (redteam-2 4.8)."""
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+    ints = lambda v, n: isinstance(v, list) and len(v) == n and all(isinstance(i, int) for i in v)  # noqa: E731
+    args, rngs, opt = meta.get("args"), meta.get("rng"), meta.get("optimizer")
+    for k in ("batch_size", "grad_accum"):
+        if not isinstance(args, dict) or not count(args.get(k)):
+            return f"args.{k}"
+    for r, st in enumerate(rngs if isinstance(rngs, list) and rngs else [None]):
+        py, nps = (st.get("python"), st.get("numpy")) if isinstance(st, dict) else (None, None)
+        if not (isinstance(py, list) and len(py) == 3 and ints(py[1], 625)):  # random.getstate()
+            return f"rng.{r}.python"
+        if not (isinstance(nps, list) and len(nps) == 5 and ints(nps[1], 624)):  # numpy's MT19937
+            return f"rng.{r}.numpy"
+    groups = opt.get("param_groups") if isinstance(opt, dict) else None
+    for i, g in enumerate(groups if isinstance(groups, list) and groups else [None]):
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        if not isinstance(g, dict) or not (isinstance(g.get("betas"), list) and len(g["betas"]) == 2
+                                           and all(map(number, g["betas"]))):
+            return f"optimizer.param_groups.{i}.betas"
+        if bad := [k for k in ("lr", "eps", "weight_decay", "lr_scale") if k in g and not number(g[k])]:
+            return f"optimizer.param_groups.{i}.{bad[0]}"
+    return None
 
 
 def read_state(folder, optimizer=True):
@@ -253,6 +286,9 @@ def load_checkpoint(ckpt_dir, model, sharded_optimizer=None, rank=0):
         raise CheckpointError(f"{e}\n  hint: resume with the first run's --stage, --lora-*, --freeze-abstractor, "
                               f"--full-finetune and abstractor flags") from None
     weights = dict(read_safetensors(wfile, error=CheckpointError)) if not sharded or rank == 0 else {}
+    bad = [n for n, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:  # (redteam-2 4.10: a NaN tensor resumed, and the run's stop called it "the last good checkpoint")
+        raise CheckpointError(f"{wfile}: {bad[0]} holds non-finite values: this checkpoint cannot be resumed")
     if sharded:
         load_full_state(model, sharded_optimizer, weights, state["optimizer"] or {})
         return state
