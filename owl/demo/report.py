@@ -150,7 +150,7 @@ def readout_md(readout, pictures):
         row = readout[shown[0][0]]["rows"][i]
         lines = [("the notes", row["notes"].split())] + [(label, readout[k]["rows"][i]["read"].split())
                                                         for k, label in shown]
-        width = [max(len(ws[j]) for _, ws in lines) for j in range(len(lines[0][1]))]
+        width = [max(len(ws[j]) if j < len(ws) else 0 for _, ws in lines) for j in range(max(len(ws) for _, ws in lines))]
         pad = max(len(name) for name, _ in lines)
         md += ["", f"![{row['image']}]({picture})", "", "```"]
         md += [f"{name:<{pad}}  " + " ".join(w.ljust(n) for w, n in zip(ws, width)).rstrip() for name, ws in lines]
