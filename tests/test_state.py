@@ -41,7 +41,7 @@ def test_training_state_round_trips_exactly(tmp_path):
     state = {"optimizer": opt.state_dict(),  # as save_checkpoint builds it
              "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
                         "_growth_tracker": 3},
-             "step": 7, "rng": [rng_state(), gpu], "args": {"lr": 1e-3, "data": "a.jsonl", "max_length": None}}
+             "step": 7, "rng": [rng_state(), gpu], "args": {"lr": 1e-3, "batch_size": 2, "grad_accum": 1, "data": "a.jsonl", "max_length": None}}
     write_state(str(tmp_path), state)
     save_file({"w": torch.zeros(1)}, str(tmp_path / "trainable.safetensors"))
     assert sorted(os.listdir(tmp_path)) == ["state.json", "state.safetensors", "trainable.safetensors"]
