@@ -337,21 +337,7 @@ def test_2_3_a_huge_shard_member_is_refused_by_its_header(tmp_path, monkeypatch)
 # ----------------------------------------------------------------------------- round 2, train.py --resume and export
 
 from tests.test_faults import TRAIN, data, s1  # noqa: E402,F401  (data: the fixture)
-
-
-@pytest.fixture(scope="module")
-def stopped(data, tmp_path_factory):
-    """A stage-1 run stopped at step 2 (--stop-at); each case copies it."""
-    import train
-    out = tmp_path_factory.mktemp("stopped") / "out"
-    train.main(s1(data, out, "--save-every", "1", "--max-steps", "4", "--stop-at", "2"))
-    return out
-
-
-def _copy_run(stopped, tmp_path, name):
-    import shutil
-    shutil.copytree(stopped, tmp_path / name)
-    return tmp_path / name
+from tests.test_resume import copy as _copy_run, stopped  # noqa: E402,F401  (stopped: the fixture, a run stopped at step 2)
 
 
 def test_3_14_disk_full_at_export_is_one_line_and_the_checkpoint_stays(data, stopped, tmp_path, capsys, monkeypatch):
