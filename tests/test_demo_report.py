@@ -157,3 +157,20 @@ def test_readout_reads_the_notes_own_embeddings_as_the_notes(monkeypatch):
     assert r["rows"][1]["read"] != notes[1] + " ."
     assert r["content"] == pytest.approx(1 - 1 / 48) and r["per_kind"]["colour"] == pytest.approx(1 - 1 / 16)
     assert r["per_kind"]["cell name"] == r["per_kind"]["size"] == r["per_kind"]["shape"] == r["per_kind"]["end"] == 1.0
+
+
+def test_readout_words_are_one_printable_word_per_slot():
+    """Pieces that are empty without their "▁" or hold a newline ("?\\n", "\\n" in the shipped tokenizer) are
+    still one word each, so the notes and every model's reading line up slot by slot in report.md (a
+    seed-0 report once crashed on a "\\n" piece)."""
+    llm = os.path.join(shipped.PRETRAINED, "llm")
+    tok = load_tokenizer(llm, 21)
+    odd = [tok.sp.piece_to_id(p) for p in ("?\n", ".\n", "\n", "\u2581")]
+    assert tok.sp.unk_id() not in odd
+    want = torch.tensor([notes_ids(tok, w.notes(w.random_scene(random.Random(1))))])  # (1, 21)
+    got = want.clone()
+    got[0, :4] = torch.tensor(odd)
+    r = readout.score(tok, got, want, ["0.png"])
+    read = r["rows"][0]["read"].split(" ")
+    assert len(read) == 21 and all(x and not any(c.isspace() for c in x) for x in read)
+    assert read[:4] == ["?_", "._", "_", "_"]
