@@ -60,10 +60,11 @@ def write_world(out_dir, n_train=1500, n_test=120, n_text=1500, image_size=56, s
     captions_of = {name: caption(s) for name, s in test}
     for ex in tests:
         ex["captions"] = [captions_of[name] for name in ex["images"]]
-    # The LLM's pretraining text: captions of and conversations about other scenes, their notes in the
-    # image slots. (A real LLaMA knows language, not this world; ours must learn the world's words somewhere.)
-    # Scene text is written in 80% of these scenes (50% of the images): each of the eight words is
-    # then frequent enough for a tiny LLM to learn to copy it (at 50% it barely learns to).
+    # A sample of the LLM's pretraining text (stand_ins.lm_batches draws its own, fresh, as it trains):
+    # one document of each kind about each of other scenes, their notes in the image slots. (A real LLaMA
+    # knows language, not this world; ours must learn the world's words somewhere.) Scene text is
+    # written in 80% of these scenes (50% of the images): each of the eight words is then frequent
+    # enough for a tiny LLM to learn to copy it (at 50% it barely learns to).
     corpus = [d for _ in range(n_corpus) for d in stand_in_documents(random_scene(rng, p_word=0.8), rng)]
     rng.shuffle(corpus)
 

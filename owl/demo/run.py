@@ -79,10 +79,10 @@ class DemoConfig:
     n_train: int = 1500  # stage-2 images (instructions)
     n_test: int = 120  # held-out images
     n_text: int = 1500  # text-only instructions
-    n_corpus: int = 9000  # scenes described in the LLM's pretraining text (2-3 documents each)
+    n_corpus: int = 2000  # scenes of corpus.jsonl, a sample of the LLM's pretraining text (12 documents each)
     questions_per_type: int = 40  # held-out questions per question type
     vocab_size: int = 1024  # 259 of them are <unk>, <s>, </s> and the 256 byte-fallback pieces
-    lm_steps: int = 2000  # LLM pretraining
+    lm_steps: int = 12000  # LLM pretraining (the curriculum: stand_ins.CURRICULUM)
     vit_steps: int = 600  # ViT pretraining
     vit_batch_size: int = 128  # contrastive: the other 127 alt texts of the batch are the negatives
     vit_lr: float = 1e-3
@@ -97,7 +97,7 @@ class DemoConfig:
     num_query_tokens: int = 20  # + 1 end-of-image token = 21 LLM positions, as many as the notes and the full stop
     llm_hidden: int = 128
     llm_layers: int = 2
-    lm_lr: float = 5e-4
+    lm_lr: float = 1e-3
     stage1_lr: float = 5e-4  # the paper: 1e-4 for 50k steps (one lr for the ViT and the abstractor); ours has 3000
     stage1_vision_lr: float = 5e-4
     stage2_lr: float = 1e-3  # the paper: 2e-5 for 2k steps
@@ -107,7 +107,7 @@ class DemoConfig:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
-QUICK = dict(n_clip=300, n_pretrain=300, n_train=300, n_text=300, n_corpus=600, n_test=30, questions_per_type=5,
+QUICK = dict(n_clip=300, n_pretrain=300, n_train=300, n_text=300, n_corpus=200, n_test=30, questions_per_type=5,
              lm_steps=150, vit_steps=100, vit_batch_size=64, stage1_steps=40, stage2_steps=150)
 
 

@@ -23,6 +23,7 @@ from . import files, world
 from .stand_ins import encode_doc, pretrain_llm, pretrain_vit, write_hf_clip, write_hf_llama
 from ..tokenizer import IGNORE, Tokenizer, build_prompt
 
+ASKED = ("conversation", "describe", "compare")  # the documents answer_rate reads
 PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
 RECIPE = ("seed", "n_clip", "n_pretrain", "n_train", "n_test", "n_text", "n_corpus", "vocab_size", "lm_steps",
           "vit_steps", "vit_batch_size", "vit_lr", "batch_size", "vit_hidden", "vit_layers", "llm_hidden",
@@ -51,12 +52,11 @@ def world_hash():
 def answer_rate(llm, tok, n_scenes=100, seed=999):
     """The share of answers the LLM gets exactly right (teacher-forced greedy, every token) in fresh
     conversations about n_scenes scenes none of its training saw, the notes in the image slots, as in
-    pretraining: how well it reads its notes."""
+    pretraining: how well it reads its notes. The conversations are those the stages ask for (any
+    question, "Describe this image.", two-image comparisons), not the curriculum's listings and drills."""
     rng, right, n = random.Random(seed), 0, 0
     for _ in range(n_scenes):
-        for doc in world.stand_in_documents(world.random_scene(rng, p_word=0.8), rng):
-            if "\nAI: " not in doc["text"]:
-                continue  # a caption
+        for doc in world.stand_in_documents(world.random_scene(rng, p_word=0.8), rng, ASKED):
             ids, labels = encode_doc(tok, doc, 0)
             pred = llm(torch.tensor([ids]))[0].argmax(-1).tolist()
             ok = True
@@ -100,7 +100,7 @@ def pretrain_stand_ins(out, d, cfg):
     llm_dir, clip_dir = os.path.join(out, "llm"), os.path.join(out, "clip")
     os.makedirs(llm_dir, exist_ok=True)
     with open(os.path.join(llm_dir, "metrics.jsonl"), "w") as log:
-        llm = pretrain_llm(cfg.text_config, tok, paths["corpus"], d.lm_steps, d.batch_size, d.lm_lr, d.seed, log)
+        llm = pretrain_llm(cfg.text_config, tok, d.lm_steps, d.batch_size, d.lm_lr, d.seed, log)
     write_hf_llama(llm, llm_dir, paths["tokenizer"])
     os.makedirs(clip_dir, exist_ok=True)
     with open(os.path.join(clip_dir, "metrics.jsonl"), "w") as log:

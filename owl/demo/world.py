@@ -222,28 +222,93 @@ def notes(scene):
     return " ".join("none" if w == "nothing" else w for w in out)
 
 
-def stand_in_documents(scene, rng):
-    """LLM pretraining documents about one scene, as {"text", "notes"}: `text` is in the format
-    train.py reads (a caption, or a conversation in the official template) and every <image> in it
-    is read by the stand-in LLM as the next of `notes`, written in words (20 words and a full stop:
-    as many tokens as an image's visual tokens).
+# ----------------------------------------------------------------------------- the stand-in LLM's curriculum
 
-    A real LLaMA has read text about text of every kind; ours, trained for a couple of minutes, is
-    shown the two things the stages will ask of it, with a description in words where the image will
-    be: a caption written from the description (what stage 1 asks of the frozen LLM) and questions
-    answered from it (what stage 2 asks). It never sees an image: stage 1 must teach the ViT and the
-    abstractor to say in visual tokens what the notes say in words."""
+# Listings: one lookup over every cell at once, each value right after its key ("top left red, bottom
+# right blue"): the form a tiny LLM learns to look things up in its notes by a key (bench/RESULTS.md, the
+# lab's j and k runs: the colour listing alone is learned in 1000 steps; the keyed questions, mixed as
+# they come, stay at the rate of answering from a random item of the scene).
+LISTINGS = {"colours": "List the colours.", "shapes": "List the shapes.", "sizes": "List the sizes.",
+            "colours of shapes": "What colour is each shape?", "positions": "Where is each shape?",
+            "check": "Check the shapes.", "words": "Where is the writing?"}
+
+
+def listing(scene, kind, rng):
+    """(question, answer) listing one attribute per key, in reading order or, half the time, shuffled;
+    None if the scene has no key for it."""
+    items = list(scene.items)
+    if rng.random() < 0.5:
+        rng.shuffle(items)
+    if kind == "colours":
+        parts = [f"{it.cell} {it.colour}" for it in items]
+    elif kind == "shapes":
+        parts = [f"{it.cell} {it.shape}" for it in items]
+    elif kind == "sizes":
+        parts = [f"{it.cell} {it.size}" for it in items]
+    elif kind == "colours of shapes":  # key: a shape that is there once
+        parts = [f"{it.shape} {it.colour}" for it in items if scene.unique(shape=it.shape)]
+    elif kind == "positions":  # key: a colour-shape pair that is there once
+        parts = [f"{it.colour} {it.shape} {it.cell}" for it in items if scene.unique(shape=it.shape, colour=it.colour)]
+    elif kind == "words":  # the scene text, after the cell it is in (none in 20% of these scenes)
+        parts = [f"{scene.word_cell} {scene.word}"] if scene.word else ["none"]
+    elif kind == "check":  # pairs that are there and near misses (one word changed), each with yes or no
+        pairs = []
+        for it in items:
+            pairs.append((it.colour, it.shape))
+            pairs.append((rng.choice(list(COLOURS)), it.shape) if rng.random() < 0.5 else (it.colour, rng.choice(SHAPES)))
+        pairs = list(dict.fromkeys(pairs))  # each pair once
+        rng.shuffle(pairs)
+        there = {(it.colour, it.shape) for it in scene.items}
+        parts = [f"{c} {sh} {'yes' if (c, sh) in there else 'no'}" for c, sh in pairs]
+    else:
+        raise ValueError(f"unknown listing {kind!r}")
+    return (LISTINGS[kind], ", ".join(parts)) if parts else None
+
+
+DOCUMENT_KINDS = tuple(f"list {k}" for k in LISTINGS) + ("drill", "conversation", "caption", "describe", "compare")
+KEYED = ("colour", "shape", "position", "existence", "text")  # the questions answered by looking a key up
+
+
+def lm_document(kind, scene, rng):
+    """One LLM pretraining document about scene, of a kind of stand_ins.CURRICULUM: a listing
+    ("list colours", ...), a "drill" of keyed questions, a "conversation" of any questions, a "caption",
+    "describe" (answered with the caption) or "compare" (one to four questions about two images). As
+    {"text", "notes"}, the notes read where each <image> is (stand_in_documents)."""
     note = notes(scene)
-    turns = [any_question(scene, rng)[1] for _ in range(rng.randint(4, 8))]  # many questions per read
-    docs = [{"text": caption(scene), "notes": [note]},
-            {"text": build_prompt([(1 if i == 0 else 0, q, a) for i, (q, a) in enumerate(turns)]), "notes": [note]}]
-    if rng.random() < 0.3:  # asked to describe it, the caption (chat's first question)
-        docs.append({"text": build_prompt([(1, rng.choice(DESCRIBE), caption(scene))]), "notes": [note]})
-    other = random_scene(rng, p_word=0.8)
-    qa = compare(scene, other, rng)
-    if qa and rng.random() < 0.5:
-        docs.append({"text": build_prompt([(2, *qa)]), "notes": [note, notes(other)]})
-    return docs
+    if kind.startswith("list "):
+        qa = listing(scene, kind[5:], rng)
+        return qa and {"text": build_prompt([(1, *qa)]), "notes": [note]}
+    if kind in ("drill", "conversation"):
+        kinds = KEYED if kind == "drill" else SINGLE
+        turns = [any_question(scene, rng, kinds)[1] for _ in range(rng.randint(4, 8))]  # many questions per read
+        return {"text": build_prompt([(1 if i == 0 else 0, q, a) for i, (q, a) in enumerate(turns)]), "notes": [note]}
+    if kind == "caption":
+        return {"text": caption(scene), "notes": [note]}
+    if kind == "describe":
+        return {"text": build_prompt([(1, rng.choice(DESCRIBE), caption(scene))]), "notes": [note]}
+    if kind == "compare":
+        other = random_scene(rng, p_word=0.8)
+        turns = [qa for qa in (compare(scene, other, rng) for _ in range(rng.randint(1, 4))) if qa]
+        return turns and {"text": build_prompt([(2 if i == 0 else 0, *qa) for i, qa in enumerate(turns)]),
+                          "notes": [note, notes(other)]}
+    raise ValueError(f"unknown document kind {kind!r}")
+
+
+def stand_in_documents(scene, rng, kinds=None):
+    """LLM pretraining documents about one scene, as {"text", "notes"}, one of each kind (lm_document;
+    by default every kind of stand_ins.CURRICULUM): `text` is in the format train.py reads (a caption, or
+    a conversation in the official template) and every <image> in it is read by the stand-in LLM as the
+    next of `notes`, written in words (20 words and a full stop: as many tokens as an image's visual
+    tokens).
+
+    A real LLaMA has read text about text of every kind; ours, trained for a few minutes, is shown what
+    the two stages will ask of it, with a description in words where the image will be: a caption
+    written from the description (what stage 1 asks of the frozen LLM) and questions answered from it
+    (what stage 2 asks), after listings that teach it to look a thing up in the description. It never
+    sees an image: stage 1 must teach the ViT and the abstractor to say in visual tokens what the
+    notes say in words."""
+    docs = (lm_document(k, scene, rng) for k in (kinds or DOCUMENT_KINDS))
+    return [d for d in docs if d]
 
 
 def cell_labels(scene):
