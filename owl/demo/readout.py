@@ -20,6 +20,7 @@ accuracy of the arms is the measure; this is the picture of it).
 import argparse
 import json
 import os
+import re
 import sys
 
 import torch
@@ -62,7 +63,7 @@ def score(tok, got, want, names):
     per_kind = {k: hit[:, [i for i, x in enumerate(kinds) if x == k]].mean().item() for k in dict.fromkeys(kinds)}
     content = [i for i, k in enumerate(kinds) if k in ("size", "colour", "shape")]
     # one printable word per slot (a piece may be empty or hold whitespace once the "▁" is dropped)
-    word = lambda i: "".join("_" if c.isspace() else c for c in tok.sp.id_to_piece(int(i)).replace("\u2581", "")) or "_"  # noqa: E731
+    word = lambda i: re.sub(r"\s", "_", tok.sp.id_to_piece(int(i)).replace("\u2581", "")) or "_"  # noqa: E731
     rows = [{"image": p, "notes": " ".join(word(i) for i in w), "read": " ".join(word(i) for i in g)}
             for p, w, g in zip(names, want, got)]
     return {"content": hit[:, content].mean().item(), "per_kind": per_kind, "n": len(names), "rows": rows}

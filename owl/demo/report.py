@@ -3,8 +3,8 @@
 report.json: {"accuracy", "per_type", "n_questions", "llm_reads_notes", "ablation": {arm: {"accuracy",
 "per_type", "n", "ci95_vs_both", "ci95_vs_both_per_type"}}, "vit_probes", "describe", "times_s", "config",
 "checkpoints", "samples", "commit"}; arm is both, stage1_only, stage2_only or frozen_vit. With several training
-seeds an arm's accuracies are the means over its seeds. "commit" is the code that made the report
-({"sha", "dirty"}, or "unknown" outside a git checkout). report.md opens with the paper's point, one
+seeds an arm's accuracies are the means over its seeds. "commit" is the code that made the run, taken as it
+starts ({"sha", "dirty"}, or "unknown" outside a git checkout). report.md opens with the paper's point, one
 sentence per claim with its interval, and the arms' picture (figures.py).
 """
 import json
@@ -150,7 +150,7 @@ def readout_md(readout, pictures):
         row = readout[shown[0][0]]["rows"][i]
         lines = [("the notes", row["notes"].split())] + [(label, readout[k]["rows"][i]["read"].split())
                                                         for k, label in shown]
-        width = [max(len(ws[j]) if j < len(ws) else 0 for _, ws in lines) for j in range(max(len(ws) for _, ws in lines))]
+        width = [max(len(w) for w in column) for column in zip(*(ws for _, ws in lines))]  # one word per slot
         pad = max(len(name) for name, _ in lines)
         md += ["", f"![{row['image']}]({picture})", "", "```"]
         md += [f"{name:<{pad}}  " + " ".join(w.ljust(n) for w, n in zip(ws, width)).rstrip() for name, ws in lines]
@@ -158,7 +158,7 @@ def readout_md(readout, pictures):
     return md + [""]
 
 
-def write_report(out, d, results, ceiling, probes, captions, runs, times, readout=None):
+def write_report(out, d, results, ceiling, probes, captions, runs, times, readout=None, commit=None):
     """results: arm -> one evaluate() per training seed; ceiling: the stand-in LLM reading the notes;
     probes: ViT -> linear-probe accuracies; captions: run.describe of both; runs: arm -> checkpoint per seed."""
     both = results["both"][0]  # seed 0: its answers are the samples and answers_*.jsonl
@@ -173,7 +173,7 @@ def write_report(out, d, results, ceiling, probes, captions, runs, times, readou
               "readout": {k: {**{x: r[x] for x in ("content", "per_kind", "n")}, "rows": r["rows"][:3]}
                           for k, r in (readout or {}).items()},
               "checkpoints": {k: v[0] for k, v in runs.items()}, "checkpoints_per_seed": runs, "samples": samples,
-              "commit": git_commit()}
+              "commit": commit or git_commit()}
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     for name, r in results.items():  # every answer of seed 0, for whoever wants to look closer

@@ -24,8 +24,8 @@ Each arm's difference from "both" gets a 95% paired bootstrap interval over the 
 Candidly, where this departs from the paper: the stand-ins know only this world. The LLM's
 pretraining text describes scenes in terse "notes" (20 words, one token each: "top left big red
 circle top right none word cat ...") placed exactly where an image's 21 visual tokens will go, in
-captions and in chat-template conversations about the scene (world.stand_in_documents): a real
-LLaMA has read text about text of every kind, ours has two minutes to learn to read one kind. It
+listings, captions and chat-template conversations about the scene (stand_ins.CURRICULUM): a real
+LLaMA has read text about text of every kind, ours has ten minutes to learn to read one kind. It
 never sees an image, so stage 1 must still teach the ViT and the abstractor to say in visual tokens
 what the notes say in words, and stage 2 to answer from them. The report's ceiling row is that LLM
 reading the notes themselves. LoRA covers every projection of the LLM (r 16), not only q/v: the
@@ -45,7 +45,7 @@ import torch
 
 from . import files
 from .readout import read_run
-from .report import write_report
+from .report import git_commit, write_report
 from . import shipped
 from .stand_ins import notes_ids, probe_vit
 from ..config import OwlConfig, VisionConfig, AbstractorConfig, LlamaConfig
@@ -263,6 +263,7 @@ def run_demo(out, ablation=False, quick=False, stand_ins=None, **overrides):
 def _run_demo(out, d: DemoConfig, ablation):
     cfg = owl_config(d)
     os.makedirs(out, exist_ok=True)
+    commit = git_commit()  # the code that made the run, taken before it starts (the checkout may change)
     times, t = {}, time.time()
 
     def lap(name):
@@ -320,7 +321,7 @@ def _run_demo(out, d: DemoConfig, ablation):
               "after stage 1": probe_vit(s1_model.vision_model, paths["labels"])}
     readout = read_run(out)  # each model's visual tokens read as words (seed 0)
     lap("evaluate")
-    write_report(out, d, results, ceiling, probes, captions, runs, times, readout)
+    write_report(out, d, results, ceiling, probes, captions, runs, times, readout, commit)
     image = os.path.join(out, "world", "images", sorted(os.listdir(os.path.join(out, "world", "images")))[0])
     print(f"[demo] the report: {os.path.join(out, 'report.md')}; the model: {runs['both'][0]}\n"
           f"[demo] chat with it: python chat.py --model {shlex.quote(runs['both'][0])} --image {shlex.quote(image)}",

@@ -1,7 +1,7 @@
 """The demo's stand-ins for the pretrained models the paper starts from, and the HF layouts that
 train.py --stage 1 reads them in.
 
-  LLaMA-7B -> a tiny LLaMA pretrained for a minute or two on the world's text (pretrain_llm),
+  LLaMA-7B -> a tiny LLaMA pretrained for ten minutes on a curriculum of the world's text (pretrain_llm),
               written as an HF LLaMA checkpoint (write_hf_llama: config.json + model.safetensors
               + tokenizer.model), what --llm-init reads;
   CLIP ViT-L/14 -> a tiny ViT pretrained contrastively for a minute on its own pool of the world's

@@ -5,7 +5,7 @@ It stands in for the paper's data (section "Data and Training Details"): caption
 COYO, CC, COCO in the paper), multimodal instructions for stage 2 (LLaVA in the paper: here counting,
 colours, shapes, positions, existence, reading the scene text, multi-turn and two-image comparisons),
 text-only instructions for stage 2 (Alpaca/Vicuna/Baize in the paper: here questions about a scene
-described in words), and a text corpus on which stand_ins.py pretrains the tiny LLaMA that stands in
+described in words), and the text on which stand_ins.py pretrains the tiny LLaMA that stands in
 for the pretrained LLM. files.py writes them in the formats train.py reads:
 
   alt_text.jsonl          {"image": "images/clip_00000.png", "text": "red circle blue square"}  (the
@@ -15,8 +15,8 @@ for the pretrained LLM. files.py writes them in the formats train.py reads:
   text_instructions.json  Alpaca [{"instruction", "input", "output"}]                   (stage 2)
   test.json               held-out questions on held-out images, each with its images' reference captions
   labels.jsonl            per cell what it holds, for the stage-2 and test images (linear probes only)
-  corpus.jsonl            {"text": caption or template conversation, "notes": [...]}  (the LLM's
-                          pretraining text; each <image> is read as that image's notes, in words)
+  corpus.jsonl            {"text": listing, caption or template conversation, "notes": [...]}  (a sample
+                          of the LLM's pretraining text; each <image> is read as that image's notes, in words)
   tokenizer.model         sentencepiece BPE trained on all of the above with LLaMA's settings
 
 A scene is a 2 x 2 grid of cells (a 56-px image is 2 x 2 ViT patches per cell); each cell holds at
