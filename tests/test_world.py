@@ -122,3 +122,49 @@ def test_tokenizer_has_llama_settings(small_world):
     # words become single pieces only with the full world's amount of text: shapes only here)
     s = world.Scene([world.Item("triangle", "yellow", "small", "top right"), world.Item("circle", "green", "big", "bottom left")])
     assert len(sp.encode(world.notes(s))) == 20
+
+
+def test_listings_read_each_value_after_its_key_in_the_notes():
+    """Every listing's "key value" parts agree with the scene's notes (5 words per cell, the cell first):
+    the lookups the stand-in LLM's curriculum teaches are the ones the notes answer."""
+    rng = random.Random(0)
+    for _ in range(300):
+        scene = world.random_scene(rng, p_word=0.8)
+        cells = world.notes(scene).split()
+        cell = {" ".join(cells[i:i + 2]): cells[i + 2:i + 5] for i in range(0, 20, 5)}  # name -> size, what, thing
+        pair = {(w[1], w[2]): name for name, w in cell.items() if w[2] in world.SHAPES}
+        for kind in world.LISTINGS:
+            qa = world.listing(scene, kind, rng)
+            if qa is None:
+                assert kind in ("colours of shapes", "positions")  # no shape there once
+                continue
+            assert qa[0] == world.LISTINGS[kind]
+            for part in qa[1].split(", "):
+                w = part.split()
+                if kind in ("colours", "shapes", "sizes"):
+                    size, colour, shape = cell[" ".join(w[:2])]
+                    assert w[2] == {"colours": colour, "shapes": shape, "sizes": size}[kind]
+                elif kind == "colours of shapes":
+                    assert [c for (c, s) in pair if s == w[0]] == [w[1]]
+                elif kind == "positions":
+                    assert pair[(w[0], w[1])] == " ".join(w[2:])
+                elif kind == "words":
+                    assert w == ["none"] if not scene.word else cell[" ".join(w[:2])][1:] == ["word", w[2]]
+                else:  # check
+                    assert w[2] == ("yes" if (w[0], w[1]) in pair else "no")
+
+
+def test_every_curriculum_phase_keeps_the_kinds_before_it():
+    from owl.demo.stand_ins import CURRICULUM, phase
+    assert sum(share for share, _ in CURRICULUM) == pytest.approx(1.0)
+    for (_, before), (_, after) in zip(CURRICULUM, CURRICULUM[1:]):
+        assert before.keys() <= after.keys()
+    assert set(CURRICULUM[-1][1]) == set(world.DOCUMENT_KINDS)  # the last phase: every kind the corpus samples
+    assert phase(0, 1000) is CURRICULUM[0][1] and phase(999, 1000) is CURRICULUM[-1][1]
+    rng = random.Random(1)
+    for kind in world.DOCUMENT_KINDS:  # conversations in the template, one note per <image>; captions bare
+        doc = None
+        while not doc:  # "colours of shapes" and "positions" need a shape that is there once
+            doc = world.lm_document(kind, world.random_scene(rng, p_word=1.0), rng)
+        images = 1 if kind == "caption" else doc["text"].count("<image>")  # train.py puts a caption's image first
+        assert images == len(doc["notes"]) >= 1 and ("AI: " in doc["text"]) == (kind != "caption")
