@@ -13,7 +13,7 @@ import torch
 
 import owl
 from owl.config import LlamaConfig
-from owl.demo import files, probe, world
+from owl.demo import files, probe, shipped, world
 from owl.demo import run as demo
 from owl.demo import stand_ins
 from owl.llama import Llama
@@ -59,14 +59,12 @@ def test_corpus_tokenisation_matches_train_and_generate(tmp_path):
     owl.generate (i odd), with each image's notes in its slots; the loss falls on answers only."""
     from owl.train.data import tokenize_conversation
     paths = files.write_world(str(tmp_path), n_train=20, n_test=4, n_text=20, seed=0, questions_per_type=1,
-                              n_corpus=300)
+                              n_corpus=50, n_pretrain=4, n_clip=4)
     tok = owl.Tokenizer(paths["tokenizer"], 21)
     rng = random.Random(1)
-    while True:  # a scene with a comparison: a conversation about two images
-        docs = world.stand_in_documents(world.random_scene(rng), rng)
-        if len(docs) == 3:
-            break
-    caption, chat, compare = docs
+    scene = world.random_scene(rng)
+    caption, chat, compare = (world.lm_document(kind, scene, rng) for kind in ("caption", "conversation", "compare"))
+    assert compare and len(compare["notes"]) == 2  # a conversation about two images
     fill = lambda ids: [t for t in ids if t >= 0]  # the slots, dropped, to compare the text around them
     for doc in (chat, compare):
         notes = [stand_ins.notes_ids(tok, n) for n in doc["notes"]]
@@ -181,28 +179,31 @@ def test_reduced_demo_end_to_end(tmp_path, capfd):
     assert sum(r[1] for r in rows.values()) == sum(d["text"].count("\nAI: ") for d in docs if "\nAI: " in d["text"])
 
 
-def test_lm_batches_cover_each_document_once_per_epoch_with_its_neighbours_in_length(tmp_path):
-    """One epoch of the stand-in LLM's batches holds every corpus document once (but the few longest
-    that do not fill a batch), padded after its end, next to documents of about its length."""
-    paths = files.write_world(str(tmp_path), n_train=20, n_test=4, n_text=20, seed=0, questions_per_type=1,
-                              n_corpus=100)
-    tok = owl.Tokenizer(paths["tokenizer"], 21)
-    with open(paths["corpus"]) as f:
-        docs = [stand_ins.encode_doc(tok, json.loads(line), i) for i, line in enumerate(f)]
-    B = 8
-    batches = stand_ins.lm_batches(tok, paths["corpus"], B, seed=0)
-    seen = []
-    for _ in range(len(docs) // B):
-        ids, labels = next(batches)
+def test_lm_batches_follow_the_curriculum_one_kind_per_batch_fresh_and_deterministic():
+    """The stand-in LLM's batches: each of one document kind, of the kinds of the curriculum's phase at
+    its step (the first tenth: colour, shape and writing listings only), padded after each document's
+    end, new documents every step, and the same batches for the same seed."""
+    tok = owl.load_tokenizer(os.path.join(shipped.PRETRAINED, "llm"), image_tokens=21)
+    steps, B = 40, 8
+    run = list(stand_ins.lm_batches(tok, steps, B, seed=0))
+    again = list(stand_ins.lm_batches(tok, steps, B, seed=0))
+    assert len(run) == steps and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(run, again))
+    other = next(stand_ins.lm_batches(tok, steps, B, seed=1))
+    assert not torch.equal(other[0], run[0][0])
+    questions = {q: k for k, q in world.LISTINGS.items()} | {"There ": "caption or describe"}
+    rows = set()
+    for step, (ids, labels) in enumerate(run):
         lengths = (ids != 0).sum(1)  # token 0 (<unk>) is the padding: no document holds it
-        assert lengths.max() - lengths.min() <= 40  # captions (~50 tokens) and chats (~150) apart
+        kinds = set()
         for x, y, n in zip(ids.tolist(), labels.tolist(), lengths.tolist()):
-            seen.append((tuple(x[:n]), tuple(y[:n])))
-            assert set(y[n:]) <= {IGNORE}
-    left = [(tuple(x), tuple(y)) for x, y in docs]
-    for d in seen:
-        left.remove(d)  # a ValueError if a row is no document, or a document came twice
-    assert len(left) == len(docs) % B and min((len(x) for x, _ in left), default=10 ** 9) >= max(len(x) for x, _ in seen)
+            assert set(y[n:]) <= {IGNORE} and 0 not in x[:n]
+            rows.add(tuple(x[:n]))
+            text = tok.sp.decode(x[:n])
+            kinds.add(next((k for q, k in questions.items() if q in text), "other"))
+        assert len(kinds) == 1, (step, kinds)  # one kind per batch
+        if step < steps // 10:
+            assert kinds <= {"colours", "shapes", "words"}, (step, kinds)
+    assert len(rows) > 0.9 * steps * B  # fresh scenes: hardly a document twice
 
 
 def test_lookup_probe_random_item_chance():
