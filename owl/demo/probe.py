@@ -6,10 +6,12 @@ It reads the pretrained stand-in LLM (OUT/llm) and its training text (OUT/world/
 per question template, sets its teacher-forced answer accuracy on its own training conversations
 (the notes in the image slots, as in pretraining) beside what an LLM that ignores the question's key
 words would score: the answer taken from an item of the scene drawn at random (`random_item`).
-Measured on the demo's own LLM (seed 0): "Where is the red circle?" 63% against 63% for a random item,
-"What colour is the shape at the top right?" 74% against 68%, "Is there a red circle?" 0% when the
-answer is no, while "What does the text say?" and "How many shapes are there?" are at 100%: the LLM
-reads the notes, but hardly ever by a word of the question.
+Measured on the shipped stand-in LLM (the curriculum, 12000 steps; a development world's training
+conversations, 5 Dec 2026): "Where is the <colour> <shape>?" 63% against 63% for a random item, "What
+colour is the <shape>?" 76% against 79%, "Is there a <colour> <shape>?" 0% when the answer is no, while
+the questions keyed by a cell ("What colour is the shape at the top right?") are at 93-95% against 66-75%
+and those on the text and the count at 100%: the curriculum taught it to look a value up after a cell's
+name, not by a colour or shape word of the question (bench/RESULTS.md).
 """
 import argparse
 import collections
