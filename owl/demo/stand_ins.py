@@ -135,7 +135,8 @@ def encode_doc(tok: Tokenizer, doc, i):
 # rate of answering from a random item of the scene while the rest is learned (bench/RESULTS.md: 83% of
 # answers after 8000 steps, flat). One lookup at a time, the earlier ones kept: those keyed by a cell's
 # name are learned (93-95%); those keyed by a colour or shape word of the question ("Where is the red
-# circle?") stay at the random-item rate in every variant tried (bench/RESULTS.md, 5 Dec, fifth session).
+# circle?") stay at the random-item rate within these 12000 steps; drilled alone they are learned after a
+# phase change at 8000-20000 steps (bench/RESULTS.md, 5 Dec, fifth session).
 LISTS = {"list colours": 1, "list shapes": 1, "list words": 1}  # a value right after its cell, every cell
 PAIRS = {**LISTS, "list sizes": 1, "list colours of shapes": 1, "list positions": 1}  # + by shape, by pair
 CHECKS = {**PAIRS, "list check": 1}  # is it there?
