@@ -1,6 +1,7 @@
 """The shipped stand-ins (owl/demo/shipped.py): a short regeneration is deterministic, stand-ins made
 for another vocabulary are refused in one line, and the shipped LLM still reads its notes at the rate
 its metadata records."""
+import json
 import os
 
 import pytest
@@ -75,3 +76,21 @@ def test_the_shipped_llm_answers_fresh_conversations_at_its_recorded_rate():
     tok = owl.load_tokenizer(llm_dir, image_tokens=21)
     rate = shipped.answer_rate(owl.load_llama(llm_dir), tok, n_scenes=30)
     assert rate == pytest.approx(float(meta["answer_rate"]), abs=0.09)
+
+
+def test_the_probe_curve_is_logged_on_fresh_questions_of_each_lookup(tiny):
+    """Every lookup_docs question is of the lookup it is filed under, and the regeneration's log ends
+    with the probe curve: a share per lookup, measured on the final weights."""
+    from owl.demo.stand_ins import LOOKUPS, lookup, lookup_docs
+    assert lookup("colour", "What colour is the circle?") == "colour by shape"
+    assert lookup("colour", "What colour is the shape at the top left?") == "colour by cell"
+    assert lookup("existence", "Is there any text in the image?") == "any text"
+    docs = lookup_docs(n=5)
+    forms = {"position": "Where is the", "colour by shape": "What colour is the", "existence": "Is there a ",
+             "colour by cell": "shape at the", "any text": "any text", "count": "hape"}
+    for k in LOOKUPS:
+        assert len(docs[k]) == 5 and all(forms.get(k, "") in d["text"] for d in docs[k])
+    with open(os.path.join(tiny, "llm", "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert rows[-1]["step"] == TINY["lm_steps"] and set(rows[-1]["probe"]) == set(LOOKUPS)
+    assert all(0 <= v <= 1 for v in rows[-1]["probe"].values())

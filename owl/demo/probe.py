@@ -23,8 +23,7 @@ import sys
 import torch
 
 from . import world
-from .stand_ins import encode_doc
-from ..tokenizer import IGNORE
+from .stand_ins import answers_right
 from ..weights import load_llama, load_tokenizer
 
 
@@ -61,16 +60,7 @@ def probe(llm, tok, corpus_file, n_docs=3000):
     for doc in docs:
         if "\nAI: " not in doc["text"]:
             continue  # a caption
-        ids, labels = encode_doc(tok, doc, 0)  # train.py's tokenisation
-        pred = llm(torch.tensor([ids]))[0].argmax(-1).tolist()
-        spans, cur = [], []  # per answer: was each token (but EOS) the argmax of the position before
-        for p in range(1, len(labels)):
-            if labels[p] != IGNORE:
-                if labels[p] == tok.eos_id:
-                    spans.append(all(cur))
-                    cur = []
-                else:
-                    cur.append(pred[p - 1] == labels[p])
+        spans = answers_right(llm, tok, doc)  # train.py's tokenisation, every answer teacher-forced
         qas = [qa for qa in re.findall(r"Human: (.*?)\nAI: (.*?)\n", doc["text"]) if qa[0] != "<image>"]
         assert len(qas) == len(spans), doc["text"]
         for (q, a), right in zip(qas, spans):

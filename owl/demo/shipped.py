@@ -20,8 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import files, world
-from .stand_ins import encode_doc, pretrain_llm, pretrain_vit, write_hf_clip, write_hf_llama
-from ..tokenizer import IGNORE, Tokenizer, build_prompt
+from .stand_ins import answers_right, pretrain_llm, pretrain_vit, write_hf_clip, write_hf_llama
+from ..tokenizer import Tokenizer
 
 ASKED = ("conversation", "describe", "compare")  # the documents answer_rate reads
 PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
@@ -54,18 +54,11 @@ def answer_rate(llm, tok, n_scenes=100, seed=999):
     conversations about n_scenes scenes none of its training saw, the notes in the image slots, as in
     pretraining: how well it reads its notes. The conversations are those the stages ask for (any
     question, "Describe this image.", two-image comparisons), not the curriculum's listings and drills."""
-    rng, right, n = random.Random(seed), 0, 0
+    rng, right = random.Random(seed), []
     for _ in range(n_scenes):
         for doc in world.stand_in_documents(world.random_scene(rng, p_word=0.8), rng, ASKED):
-            ids, labels = encode_doc(tok, doc, 0)
-            pred = llm(torch.tensor([ids]))[0].argmax(-1).tolist()
-            ok = True
-            for p in range(1, len(labels)):
-                if labels[p] != IGNORE:
-                    ok &= pred[p - 1] == labels[p]
-                    if labels[p] == tok.eos_id:
-                        right, n, ok = right + ok, n + 1, True
-    return right / n
+            right += answers_right(llm, tok, doc)
+    return sum(right) / len(right)
 
 
 def stamp(model_dir, meta):
