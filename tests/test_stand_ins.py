@@ -81,7 +81,7 @@ def test_the_shipped_llm_answers_fresh_conversations_at_its_recorded_rate():
 def test_the_probe_curve_is_logged_on_fresh_questions_of_each_lookup(tiny):
     """Every lookup_docs question is of the lookup it is filed under, and the regeneration's log ends
     with the probe curve of the weights it wrote."""
-    from owl.demo.stand_ins import LOOKUPS, lookup, lookup_docs, probe_lookups
+    from owl.demo.probe import LOOKUPS, lookup, lookup_docs, probe_lookups
     assert lookup("colour", "What colour is the circle?") == "colour by shape"
     assert lookup("colour", "What colour is the shape at the top left?") == "colour by cell"
     assert lookup("existence", "Is there any text in the image?") == "any text"

@@ -12,11 +12,15 @@ colour is the <shape>?" 76% against 79%, "Is there a <colour> <shape>?" 0% when 
 the questions keyed by a cell ("What colour is the shape at the top right?") are at 93-95% against 66-75%
 and those on the text and the count at 100%: the curriculum taught it to look a value up after a cell's
 name, not by a colour or shape word of the question (bench/RESULTS.md).
+
+probe_lookups is the same question on fresh one-question conversations, per lookup: the probe curve that
+`--pretrain-stand-ins` writes into OUT/llm/metrics.jsonl every 2000 steps.
 """
 import argparse
 import collections
 import json
 import os
+import random
 import re
 import sys
 
@@ -24,6 +28,7 @@ import torch
 
 from . import world
 from .stand_ins import answers_right
+from ..tokenizer import Tokenizer, build_prompt
 from ..weights import load_llama, load_tokenizer
 
 
@@ -49,6 +54,36 @@ def template(question, answer):
     for words, name in ((world.CELLS, "<cell>"), (world.COLOURS, "<colour>"), (world.SHAPES, "<shape>")):
         t = re.sub(r"\b(%s)\b" % "|".join(words), name, t)  # the world's own vocabularies
     return t + (f" ({answer})" if answer in ("yes", "no") else "")
+
+
+def lookup(kind, question):
+    """The lookup a question of world.question's kind asks for: colour questions keyed by a cell or by a
+    shape word, existence of a colour-shape pair or of any text, as themselves otherwise."""
+    if kind == "colour":
+        return "colour by cell" if "shape at the" in question else "colour by shape"
+    if kind == "existence":
+        return "any text" if "text" in question else "existence"
+    return kind
+
+
+LOOKUPS = ("position", "colour by shape", "existence", "colour by cell", "shape", "text", "any text", "count")
+
+
+def lookup_docs(n=50, seed=4321):
+    """n fresh one-question conversations per lookup (LOOKUPS), as corpus documents."""
+    rng, docs = random.Random(seed), {k: [] for k in LOOKUPS}
+    while any(len(v) < n for v in docs.values()):
+        scene = world.random_scene(rng, p_word=0.8)
+        kind, (q, a) = world.any_question(scene, rng)
+        if len(docs[lookup(kind, q)]) < n:
+            docs[lookup(kind, q)].append({"text": build_prompt([(1, q, a)]), "notes": [world.notes(scene)]})
+    return docs
+
+
+@torch.inference_mode()
+def probe_lookups(llm, tok: Tokenizer, docs):
+    """{lookup: share of its questions answered exactly} (teacher-forced): the probe curve of pretraining."""
+    return {k: round(sum(answers_right(llm, tok, d)[0] for d in v) / len(v), 3) for k, v in docs.items()}
 
 
 @torch.inference_mode()

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from . import files, world
+from . import files, probe, world
 from .stand_ins import answers_right, pretrain_llm, pretrain_vit, write_hf_clip, write_hf_llama
 from ..tokenizer import Tokenizer
 
@@ -93,7 +93,9 @@ def pretrain_stand_ins(out, d, cfg):
     llm_dir, clip_dir = os.path.join(out, "llm"), os.path.join(out, "clip")
     os.makedirs(llm_dir, exist_ok=True)
     with open(os.path.join(llm_dir, "metrics.jsonl"), "w") as log:
-        llm = pretrain_llm(cfg.text_config, tok, d.lm_steps, d.batch_size, d.lm_lr, d.seed, log)
+        docs = probe.lookup_docs()  # the probe curve: the same fresh questions every probe_every steps
+        llm = pretrain_llm(cfg.text_config, tok, d.lm_steps, d.batch_size, d.lm_lr, d.seed, log,
+                           lambda m: probe.probe_lookups(m, tok, docs))
     write_hf_llama(llm, llm_dir, paths["tokenizer"])
     os.makedirs(clip_dir, exist_ok=True)
     with open(os.path.join(clip_dir, "metrics.jsonl"), "w") as log:

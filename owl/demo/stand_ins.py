@@ -22,7 +22,7 @@ from ..config import LlamaConfig, VisionConfig
 from ..image import load_image, preprocess_image
 from ..llama import Llama
 from ..model import lm_loss_sum
-from ..tokenizer import IGNORE, IMAGE_SLOT, Tokenizer, build_prompt
+from ..tokenizer import IGNORE, IMAGE_SLOT, Tokenizer
 from ..train.batches import collate
 from ..train.data import tokenize_caption, tokenize_conversation
 from ..vision import VisionTransformer
@@ -144,36 +144,6 @@ def answers_right(llm, tok: Tokenizer, doc):
     return out
 
 
-def lookup(kind, question):
-    """The lookup a question of world.question's kind asks for: colour questions keyed by a cell or by a
-    shape word, existence of a colour-shape pair or of any text, as themselves otherwise."""
-    if kind == "colour":
-        return "colour by cell" if "shape at the" in question else "colour by shape"
-    if kind == "existence":
-        return "any text" if "text" in question else "existence"
-    return kind
-
-
-LOOKUPS = ("position", "colour by shape", "existence", "colour by cell", "shape", "text", "any text", "count")
-
-
-def lookup_docs(n=50, seed=4321):
-    """n fresh one-question conversations per lookup (LOOKUPS), as corpus documents."""
-    rng, docs = random.Random(seed), {k: [] for k in LOOKUPS}
-    while any(len(v) < n for v in docs.values()):
-        scene = world.random_scene(rng, p_word=0.8)
-        kind, (q, a) = world.any_question(scene, rng)
-        if len(docs[lookup(kind, q)]) < n:
-            docs[lookup(kind, q)].append({"text": build_prompt([(1, q, a)]), "notes": [world.notes(scene)]})
-    return docs
-
-
-@torch.inference_mode()
-def probe_lookups(llm, tok: Tokenizer, docs):
-    """{lookup: share of its questions answered exactly} (teacher-forced): the probe curve of pretraining."""
-    return {k: round(sum(answers_right(llm, tok, d)[0] for d in v) / len(v), 3) for k, v in docs.items()}
-
-
 # The stand-in LLM's curriculum: (share of the steps, {document kind: weight}), each phase keeping the
 # kinds of the ones before. A real LLaMA has read text about text of every kind; ours has a few minutes,
 # and mixed from the start the keyed lookups ("What colour is the shape at the top right?") stay at the
@@ -224,15 +194,15 @@ def lm_batches(tok: Tokenizer, steps, batch_size, seed):
         yield batch["input_ids"], batch["labels"]
 
 
-def pretrain_llm(cfg: LlamaConfig, tok: Tokenizer, steps, batch_size, lr, seed, log=None, probe_every=2000):
+def pretrain_llm(cfg: LlamaConfig, tok: Tokenizer, steps, batch_size, lr, seed, log=None, probe=None,
+                 probe_every=2000):
     """A plain next-token loop (AdamW, warm-up then cosine) on the curriculum; returns the LLM. Every
-    probe_every steps the log gets the probe curve: each lookup's answers on fresh conversations."""
+    probe_every steps the log gets probe(llm), a probe curve (probe.probe_lookups: each lookup's answers)."""
     torch.manual_seed(seed)
     llm = Llama(cfg)
     llm.init_weights()
     opt = torch.optim.AdamW(llm.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 10)
-    docs = lookup_docs() if log is not None else None
     bar = tqdm(lm_batches(tok, steps, batch_size, seed), total=steps, desc="pretrain LLM", dynamic_ncols=True,
                leave=False)
     for step, (x, y) in enumerate(bar):
@@ -249,8 +219,8 @@ def pretrain_llm(cfg: LlamaConfig, tok: Tokenizer, steps, batch_size, lr, seed, 
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if log is not None:
             log.write(json.dumps({"step": step + 1, "loss": round(loss.item(), 5), "lr": lr * f}) + "\n")
-            if (step + 1) % probe_every == 0 or step + 1 == steps:
-                curve = probe_lookups(llm.eval(), tok, docs)
+            if probe is not None and ((step + 1) % probe_every == 0 or step + 1 == steps):
+                curve = probe(llm.eval())
                 llm.train()
                 log.write(json.dumps({"step": step + 1, "probe": curve}) + "\n")
                 log.flush()
