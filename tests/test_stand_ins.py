@@ -92,6 +92,8 @@ def test_the_probe_curve_is_logged_on_fresh_questions_of_each_lookup(tiny):
              "count": ("How many shapes", "Count the shapes")}
     for k in LOOKUPS:
         assert len(docs[k]) == 5 and all(any(f in d["text"] for f in forms[k]) for d in docs[k]), k
+        if k == "colour by shape":  # keyed by the shape word, not by a cell
+            assert not any("shape at the" in d["text"] for d in docs[k])
     with open(os.path.join(tiny, "llm", "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert rows[-1]["step"] == TINY["lm_steps"] and set(rows[-1]["probe"]) == set(LOOKUPS)
