@@ -152,9 +152,9 @@ def answers_right(llm, tok: Tokenizer, doc):
 # name are learned (93-95%); those keyed by a colour or shape word of the question ("Where is the red
 # circle?") stay at the random-item rate within these 12000 steps. Drilled alone, every pair of a scene
 # asked in turn, they were learned in one data stream of five: the last answer is the cell not yet named,
-# so the loss falls by elimination. One question per document is learned in every seed tried (90% in a
-# regeneration), but the curriculum after it left the cell-keyed lookups low with 8 heads, so it is not
-# used yet (bench/RESULTS.md, 6 Dec, seventh session).
+# so the loss falls by elimination. One question per document is learned in 8 runs of 10, but the phases
+# after it then learn the cell-keyed lookups poorly (4 or 8 heads: answer rate 56-73% against 80%), so it
+# is not used (bench/RESULTS.md, 6 Dec, seventh to ninth sessions).
 LISTS = {"list colours": 1, "list shapes": 1, "list words": 1}  # a value right after its cell, every cell
 PAIRS = {**LISTS, "list sizes": 1, "list colours of shapes": 1, "list positions": 1}  # + by shape, by pair
 CHECKS = {**PAIRS, "list check": 1}  # is it there?
